@@ -1,0 +1,84 @@
+"""Opening a workspace database: engine creation and migration to head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from ..config import load_settings
+from ..errors import ConfigError, StorageError
+
+__all__ = ["create_db_engine", "migrate_db", "open_db", "schema_revision"]
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def create_db_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite files get WAL, foreign keys and a busy timeout."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(
+            f"not a database URL: {url!r} (expected e.g. sqlite:///mailkit.db or "
+            "postgresql+psycopg://user@host/db)"
+        ) from exc
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        # pysqlite's own transaction handling defers BEGIN; take it over so that writes
+        # take the lock at BEGIN (IMMEDIATE) and two writers cannot deadlock on upgrade.
+        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        return engine
+    return create_engine(parsed, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None  # autocommit at the driver; SQLAlchemy emits BEGIN
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def migrate_db(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to ``revision`` through the versioned migrations."""
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_MIGRATIONS))
+    try:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+    except OperationalError as exc:
+        raise StorageError(f"cannot migrate database {engine.url!r}: {exc.orig}") from exc
+
+
+def schema_revision(engine: Engine) -> str | None:
+    """The migration revision the database is at, or None for an empty database."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def open_db(url: str | None = None, *, migrate: bool = True) -> Engine:
+    """Open the workspace database (``url``, else ``MAILKIT_DB``, else ``sqlite:///mailkit.db``).
+
+    With ``migrate`` (the default) the schema is created or upgraded to the newest revision.
+    """
+    engine = create_db_engine(url or load_settings().db_url)
+    if migrate:
+        migrate_db(engine)
+    return engine

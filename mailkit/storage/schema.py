@@ -1,0 +1,203 @@
+"""The current schema, as SQLAlchemy Core tables.
+
+This describes the schema at migration head; migrations under ``migrations/versions`` are what
+create and change it in a database. Attributes live in a narrow key/value table with a numeric
+shadow column, so that segment filters are plain indexed SQL on SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "UTCDateTime",
+    "campaigns",
+    "contact_attributes",
+    "contacts",
+    "events",
+    "list_members",
+    "lists",
+    "messages",
+    "metadata",
+    "suppressions",
+    "templates",
+    "utcnow",
+]
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# SQLite has no BIGINT autoincrement; PostgreSQL wants one for events.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC timestamps on every backend (SQLite drops the zone otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware value")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            value = datetime.fromisoformat(value)
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+contacts = Table(
+    "contacts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("email", String(320), nullable=False, unique=True),
+    Column("name", String(200)),
+    Column("domain", String(255), nullable=False, index=True),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("updated_at", UTCDateTime, nullable=False, default=utcnow),
+)
+
+contact_attributes = Table(
+    "contact_attributes",
+    metadata,
+    Column("contact_id", Integer, ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True),
+    Column("key", String(100), primary_key=True),
+    Column("value", Text, nullable=False),
+    # The value as a number when it reads as one, so `age >= 30` is a numeric comparison.
+    Column("value_num", Float),
+    Index("ix_contact_attributes_key_value", "key", "value"),
+    Index("ix_contact_attributes_key_value_num", "key", "value_num"),
+)
+
+lists = Table(
+    "lists",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+)
+
+list_members = Table(
+    "list_members",
+    metadata,
+    Column("list_id", Integer, ForeignKey("lists.id", ondelete="CASCADE"), primary_key=True),
+    Column("contact_id", Integer, ForeignKey("contacts.id", ondelete="CASCADE"), primary_key=True),
+    Column("added_at", UTCDateTime, nullable=False, default=utcnow),
+    Index("ix_list_members_contact_id", "contact_id"),
+)
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    # Keyed by address, not contact: a suppressed address stays suppressed across re-imports.
+    Column("email", String(320), primary_key=True),
+    Column("reason", String(40), nullable=False),
+    Column("detail", Text),
+    Column("campaign_id", Integer),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+)
+
+templates = Table(
+    "templates",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("subject", Text, nullable=False),
+    Column("html", Text, nullable=False),
+    Column("text", Text),
+    Column("version", Integer, nullable=False, default=1),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("updated_at", UTCDateTime, nullable=False, default=utcnow),
+)
+
+campaigns = Table(
+    "campaigns",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("template_id", Integer, ForeignKey("templates.id"), nullable=False),
+    Column("template_version", Integer, nullable=False),
+    Column("segment", Text, nullable=False),
+    Column("from_addr", String(400), nullable=False),
+    Column("reply_to", String(400)),
+    Column("status", String(20), nullable=False, default="draft"),
+    Column("status_reason", Text),
+    Column("snapshot_hash", String(64)),
+    Column("send_at", UTCDateTime),
+    Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("started_at", UTCDateTime),
+    Column("finished_at", UTCDateTime),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("campaign_id", Integer, ForeignKey("campaigns.id", ondelete="CASCADE"), nullable=False),
+    Column("contact_id", Integer, ForeignKey("contacts.id"), nullable=False),
+    Column("email", String(320), nullable=False),
+    # queued -> sending -> sent | deferred | failed | unknown
+    Column("state", String(16), nullable=False, default="queued"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("message_id", String(255)),
+    Column("smtp_code", Integer),
+    Column("smtp_reply", Text),
+    Column("next_attempt_at", UTCDateTime),
+    Column("lease_owner", String(64)),
+    Column("lease_expires_at", UTCDateTime),
+    Column("sent_at", UTCDateTime),
+    Column("updated_at", UTCDateTime, nullable=False, default=utcnow),
+    UniqueConstraint("campaign_id", "contact_id", name="uq_messages_campaign_contact"),
+    Index("ix_messages_campaign_state", "campaign_id", "state"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigId, primary_key=True),
+    Column("campaign_id", Integer, ForeignKey("campaigns.id", ondelete="CASCADE")),
+    Column("message_id", Integer, ForeignKey("messages.id", ondelete="CASCADE")),
+    Column("contact_id", Integer, ForeignKey("contacts.id")),
+    # sent | bounce | open | click | unsubscribe | complaint | suppressed
+    Column("type", String(20), nullable=False),
+    Column("occurred_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("detail", JSON),
+    Index("ix_events_campaign_type", "campaign_id", "type"),
+)

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from sqlalchemy import Engine, inspect, text
+
+from mailkit.storage import open_db, schema_revision
+from mailkit.storage.schema import metadata
+
+
+def test_migrations_create_every_table_of_the_schema(db: Engine) -> None:
+    assert schema_revision(db) is not None
+    tables = set(inspect(db).get_table_names())
+    assert set(metadata.tables) <= tables
+
+
+def test_migrating_twice_changes_nothing(db_url: str) -> None:
+    first = open_db(db_url)
+    rev = schema_revision(first)
+    first.dispose()
+    second = open_db(db_url)
+    assert schema_revision(second) == rev
+    second.dispose()
+
+
+def test_sqlite_is_in_wal_mode_with_foreign_keys(sqlite_db: Engine) -> None:
+    with sqlite_db.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1

@@ -1,0 +1,3 @@
+"""ipywidgets for mailkit: thin interactive layers over the ``mailkit`` library."""
+
+__all__: list[str] = []
