@@ -14,6 +14,7 @@ a builtin fits, also subclasses it so that ``except ValueError`` keeps working::
     ├── TemplateError(ValueError)        a template does not compile or render
     │   ├── TemplateSecurityError        the sandbox refused an unsafe operation
     │   └── PreflightError               some recipients cannot be rendered
+    ├── AddressError(ValueError)         an address or header cannot go into a message
     ├── CampaignError                    a campaign cannot be created or sent in its state
     └── SMTPDeliveryError(ConnectionError)  the SMTP server cannot be used at all
 """
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from unicodedata import east_asian_width
 
 __all__ = [
+    "AddressError",
     "CampaignError",
     "ConfigError",
     "ContactImportError",
@@ -81,7 +84,9 @@ class SegmentError(MailkitError, ValueError):
 
     def __init__(self, message: str, *, expression: str = "", offset: int | None = None) -> None:
         if expression and offset is not None:
-            pointer = " " * offset + "^"
+            # Pad by display width so the caret sits under full-width Japanese text too.
+            width = sum(2 if east_asian_width(ch) in "WF" else 1 for ch in expression[:offset])
+            pointer = " " * width + "^"
             message = f"{message}\n  {expression}\n  {pointer}"
         super().__init__(message)
         self.expression = expression
@@ -107,6 +112,10 @@ class PreflightError(TemplateError):
     def __init__(self, message: str, *, failures: Sequence[Any] = ()) -> None:
         super().__init__(message)
         self.failures = list(failures)
+
+
+class AddressError(MailkitError, ValueError):
+    """An address or header value cannot be put in a message (malformed, or a CR/LF injection)."""
 
 
 class CampaignError(MailkitError):

@@ -29,6 +29,8 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "LEDGER_STATES",
+    "PENDING_STATES",
     "UTCDateTime",
     "campaigns",
     "contact_attributes",
@@ -165,6 +167,11 @@ campaigns = Table(
     Column("started_at", UTCDateTime),
     Column("finished_at", UTCDateTime),
 )
+
+#: Ledger states. ``sending`` rows belong to a live worker; ``unknown`` ones to a dead one.
+LEDGER_STATES = ("queued", "sending", "sent", "deferred", "failed", "unknown")
+#: States that keep a campaign from being finished.
+PENDING_STATES = ("queued", "sending", "deferred")
 
 messages = Table(
     "messages",

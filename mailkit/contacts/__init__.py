@@ -1,0 +1,458 @@
+"""Contacts: import from CSV or a DataFrame, address validation, dedupe, lists, suppressions.
+
+An import is one database transaction, streamed in chunks: each chunk's rows are validated,
+deduplicated against the file so far, matched against the store with ``email IN (...)`` and
+written with executemany, so memory is bounded by the chunk size (plus one dict entry per
+distinct address, for in-file duplicate detection). A file that cannot be read raises and
+changes nothing; rows that cannot be imported come back in the :class:`ImportReport`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import email_validator
+import pandas as pd
+from email_validator import EmailNotValidError, validate_email
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ..errors import NotFoundError
+from ..storage.schema import (
+    UTCDateTime,
+    contact_attributes,
+    contacts,
+    list_members,
+    lists,
+    suppressions,
+    utcnow,
+)
+from ._reading import (
+    RESERVED_FIELDS,
+    Chunk,
+    Columns,
+    build_columns,
+    csv_chunks,
+    detect_encoding,
+    frame_chunks,
+    open_csv,
+    open_file,
+)
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+__all__ = [
+    "RESERVED_FIELDS",
+    "ImportReport",
+    "RejectedRow",
+    "detect_encoding",
+    "import_contacts",
+    "load_contacts",
+    "load_lists",
+    "load_suppressions",
+    "normalize_email",
+    "save_suppression",
+]
+
+_IN_BATCH = 900  # under SQLite's oldest bound-parameter limit (999)
+_NAME_MAX = int(contacts.c.name.type.length or 200)  # type: ignore[attr-defined]
+
+# A strict ASCII subset of what email-validator accepts, normalised exactly as it would be:
+# validate_email costs ~20 µs, too slow for a million rows. Anything outside the subset (and
+# every rejection) goes through email-validator itself, so results and reasons are its own.
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_SIMPLE_EMAIL = re.compile(
+    rf"([{_ATEXT}]+(?:\.[{_ATEXT}]+)*)@((?:{_LABEL}\.)+(?:[A-Za-z0-9][A-Za-z0-9-]{{0,61}})?[A-Za-z])"
+)
+_SPECIAL_DOMAINS = frozenset(email_validator.SPECIAL_USE_DOMAIN_NAMES)
+_SPECIAL_SUFFIXES = tuple("." + d for d in email_validator.SPECIAL_USE_DOMAIN_NAMES)
+_CASELESS_MAILBOXES = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
+_PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+
+
+@dataclass(frozen=True)
+class RejectedRow:
+    """A row that was not imported: spreadsheet row number (header = 1), raw value, reason."""
+
+    row: int
+    value: str
+    reason: str
+
+
+@dataclass(frozen=True, repr=False)
+class ImportReport:
+    """What an import did; ``rows == added + updated + unchanged + len(rejected)``."""
+
+    source: str
+    encoding: str | None
+    rows: int
+    added: int
+    updated: int
+    unchanged: int
+    rejected: tuple[RejectedRow, ...]
+    list_name: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain JSON-ready values."""
+        return asdict(self)
+
+    def __repr__(self) -> str:
+        # A million rejected rows must not flood a notebook cell.
+        head = ", ".join(f"row {r.row}: {r.value!r} ({r.reason})" for r in self.rejected[:5])
+        more = f", … {len(self.rejected) - 5} more" if len(self.rejected) > 5 else ""
+        return (
+            f"ImportReport(source={self.source!r}, encoding={self.encoding!r}, rows={self.rows}, "
+            f"added={self.added}, updated={self.updated}, unchanged={self.unchanged}, "
+            f"rejected={len(self.rejected)} [{head}{more}], list_name={self.list_name!r})"
+        )
+
+
+# ---------------------------------------------------------------------------- addresses
+
+
+def normalize_email(raw: str) -> str:
+    """The normalised form of ``raw`` (stripped, domain lower-cased), or ValueError saying why."""
+    return _normalize(raw)[0]
+
+
+def _normalize(raw: str) -> tuple[str, str]:
+    addr = raw.strip()
+    if not addr:
+        raise ValueError("empty address")
+    if len(addr) <= 254 and (m := _SIMPLE_EMAIL.fullmatch(addr)) is not None:
+        local, domain = m.group(1), m.group(2).lower()
+        if (
+            "--" not in domain
+            and local.lower() not in _CASELESS_MAILBOXES
+            and domain not in _SPECIAL_DOMAINS
+            and not domain.endswith(_SPECIAL_SUFFIXES)
+        ):
+            return f"{local}@{domain}", domain
+    try:
+        valid = validate_email(addr, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(str(exc)) from None
+    return valid.normalized, valid.domain
+
+
+def _number(value: str) -> float | None:
+    if not value.isascii():
+        value = unicodedata.normalize("NFKC", value)  # full-width digits typed in Japanese IMEs
+    return float(value) if _PLAIN_NUMBER.fullmatch(value) else None
+
+
+# ---------------------------------------------------------------------------- import
+
+_Accepted = tuple[int, str, str, str | None, dict[str, str]]  # row, email, domain, name, attrs
+
+
+@dataclass
+class _Tally:
+    rows: int = 0
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    rejected: list[RejectedRow] = field(default_factory=list)
+    first_row: dict[str, int] = field(default_factory=dict)  # address -> row that brought it
+
+
+def import_contacts(
+    db: Engine,
+    source: str | os.PathLike[str] | pd.DataFrame,
+    *,
+    list_name: str | None = None,
+    encoding: str | None = None,
+    progress: bool = False,
+    chunk_size: int = 10_000,
+) -> ImportReport:
+    """Import contacts from a CSV file or a DataFrame, in one transaction.
+
+    The email column is found by name (email, メールアドレス, ...), likewise an optional name
+    column (name, 氏名, ...); every other column becomes an attribute. A CSV's encoding is
+    detected (UTF-8, UTF-8 with BOM, CP932) unless ``encoding`` names it. Existing contacts
+    are merged (non-empty values overwrite, absent ones are kept); with ``list_name`` every
+    accepted contact becomes a member of that list. Rows that cannot be imported are listed
+    in the report; a source that cannot be read raises ContactImportError and changes nothing.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
+    if list_name is not None and not list_name.strip():
+        raise ValueError("list_name is empty: pass a list name or None")
+    with ExitStack() as stack:
+        chunks: Iterator[Chunk]
+        if isinstance(source, pd.DataFrame):
+            where, used = "DataFrame", None
+            bar = stack.enter_context(_progress_bar(progress, len(source), "rows"))
+            chunks = frame_chunks(source, chunk_size)
+            header = [str(c) for c in source.columns]
+        else:
+            path = Path(source)
+            where = str(path)
+            fh = stack.enter_context(open_file(path))
+            bar = stack.enter_context(_progress_bar(progress, path.stat().st_size, "B"))
+            used, header, reader = open_csv(fh, path, encoding, bar.update)
+            chunks = csv_chunks(reader, where, chunk_size)
+        cols = build_columns(header, where)
+        tally = _Tally()
+        now = utcnow()
+        with db.begin() as conn:
+            list_id = None if list_name is None else _ensure_list(conn, list_name, now)
+            for chunk in chunks:
+                _store_chunk(conn, _accept_rows(chunk, cols, tally), list_id, now, tally)
+                if used is None:
+                    bar.update(len(chunk))
+    return ImportReport(
+        source=where,
+        encoding=used,
+        rows=tally.rows,
+        added=tally.added,
+        updated=tally.updated,
+        unchanged=tally.unchanged,
+        rejected=tuple(tally.rejected),
+        list_name=list_name,
+    )
+
+
+def _progress_bar(enabled: bool, total: int, unit: str) -> tqdm[Any]:
+    from tqdm.auto import tqdm  # deferred: it probes for Jupyter widgets at import
+
+    return tqdm(total=total, unit=unit, unit_scale=True, desc="import", disable=not enabled)
+
+
+def _accept_rows(chunk: Chunk, cols: Columns, tally: _Tally) -> list[_Accepted]:
+    accepted: list[_Accepted] = []
+    width, email_at, name_at = cols.width, cols.email, cols.name
+    reject = tally.rejected.append
+    for row, cells in chunk:
+        raw = cells[email_at] if email_at < len(cells) else ""
+        if not raw.strip() and not any(c.strip() for c in cells):
+            continue  # a blank line is not a row (it still counts for the row numbers)
+        tally.rows += 1
+        if len(cells) != width:
+            if len(cells) > width and any(c.strip() for c in cells[width:]):
+                reject(RejectedRow(row, raw, f"{len(cells)} cells, but the header has {width}"))
+                continue
+            cells = (cells + [""] * width)[:width]
+        try:
+            email, domain = _normalize(raw)
+        except ValueError as exc:
+            reject(RejectedRow(row, raw, str(exc)))
+            continue
+        first = tally.first_row.get(email)
+        if first is not None:
+            reject(RejectedRow(row, raw, f"duplicate of row {first}"))
+            continue
+        name = cells[name_at].strip() if name_at is not None else ""
+        if len(name) > _NAME_MAX:
+            reject(RejectedRow(row, raw, f"name is longer than {_NAME_MAX} characters"))
+            continue
+        tally.first_row[email] = row
+        attrs = {key: value for i, key in cols.attributes if (value := cells[i].strip())}
+        accepted.append((row, email, domain, name or None, attrs))
+    return accepted
+
+
+def _batched(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), _IN_BATCH):
+        yield items[start : start + _IN_BATCH]
+
+
+def _store_chunk(
+    conn: Connection, accepted: list[_Accepted], list_id: int | None, now: Any, tally: _Tally
+) -> None:
+    if not accepted:
+        return
+    c, ca, lm = contacts.c, contact_attributes.c, list_members.c
+    known: dict[str, tuple[int, str | None]] = {}
+    for batch in _batched([a[1] for a in accepted]):
+        query = select(c.id, c.email, c.name).where(c.email.in_(batch))
+        known.update((email, (cid, name)) for cid, email, name in conn.execute(query))
+    old_attrs: dict[int, dict[str, str]] = {}
+    members: set[int] = set()
+    for batch in _batched([cid for cid, _ in known.values()]):
+        query = select(ca.contact_id, ca.key, ca.value).where(ca.contact_id.in_(batch))
+        for cid, key, value in conn.execute(query):
+            old_attrs.setdefault(cid, {})[key] = value
+        if list_id is not None:
+            query = select(lm.contact_id).where(lm.list_id == list_id, lm.contact_id.in_(batch))
+            members.update(conn.execute(query).scalars())
+
+    new: list[_Accepted] = []
+    attr_new: list[dict[str, Any]] = []
+    attr_changed: list[dict[str, Any]] = []
+    touched: list[dict[str, Any]] = []
+    joined: list[int] = []
+    for item in accepted:
+        hit = known.get(item[1])
+        if hit is None:
+            new.append(item)
+            continue
+        cid, old_name = hit
+        name, attrs = item[3], item[4]
+        changed = name is not None and name != old_name
+        old = old_attrs.get(cid, {})
+        for key, value in attrs.items():
+            before = old.get(key)
+            if before is None:
+                attr_new.append(_attr_row(cid, key, value))
+            elif before != value:
+                attr_changed.append(
+                    {"b_id": cid, "b_key": key, "b_value": value, "b_num": _number(value)}
+                )
+            else:
+                continue
+            changed = True
+        if list_id is not None and cid not in members:
+            joined.append(cid)
+            changed = True
+        if changed:
+            touched.append({"b_id": cid, "b_name": name or old_name, "b_ts": now})
+            tally.updated += 1
+        else:
+            tally.unchanged += 1
+
+    if new:
+        rows = [
+            {"email": e, "name": n, "domain": d, "created_at": now, "updated_at": now}
+            for _, e, d, n, _ in new
+        ]
+        result = conn.execute(insert(contacts).returning(c.id, c.email), rows)
+        ids = {email: cid for cid, email in result}
+        for _, email, _, _, attrs in new:
+            attr_new.extend(_attr_row(ids[email], k, v) for k, v in attrs.items())
+        joined.extend(ids.values() if list_id is not None else ())
+        tally.added += len(new)
+    if touched:
+        conn.execute(
+            update(contacts)
+            .where(c.id == bindparam("b_id"))
+            .values(name=bindparam("b_name"), updated_at=bindparam("b_ts", type_=UTCDateTime())),
+            touched,
+        )
+    if attr_changed:
+        conn.execute(
+            update(contact_attributes)
+            .where(ca.contact_id == bindparam("b_id"), ca.key == bindparam("b_key"))
+            .values(value=bindparam("b_value"), value_num=bindparam("b_num")),
+            attr_changed,
+        )
+    # RETURNING makes SQLAlchemy send multi-row INSERT batches ("insertmanyvalues") where
+    # psycopg would otherwise run one statement per row.
+    if attr_new:
+        conn.execute(insert(contact_attributes).returning(ca.contact_id), attr_new)
+    if joined:
+        rows = [{"list_id": list_id, "contact_id": cid, "added_at": now} for cid in joined]
+        conn.execute(insert(list_members).returning(lm.contact_id), rows)
+
+
+def _attr_row(contact_id: int, key: str, value: str) -> dict[str, Any]:
+    return {"contact_id": contact_id, "key": key, "value": value, "value_num": _number(value)}
+
+
+def _ensure_list(conn: Connection, name: str, now: Any) -> int:
+    found = conn.execute(select(lists.c.id).where(lists.c.name == name)).scalar_one_or_none()
+    if found is not None:
+        return int(found)
+    created = conn.execute(insert(lists).values(name=name, created_at=now).returning(lists.c.id))
+    return int(created.scalar_one())
+
+
+# ---------------------------------------------------------------------------- loading, suppressions
+
+
+def load_contacts(db: Engine, *, list_name: str | None = None) -> pd.DataFrame:
+    """Contacts as a DataFrame: id, email, name, domain, then one column per attribute (text).
+
+    With ``list_name`` only that list's members; NotFoundError if there is no such list.
+    """
+    c, ca = contacts.c, contact_attributes.c
+    query = select(c.id, c.email, c.name, c.domain).order_by(c.id)
+    attr_query = select(ca.contact_id, ca.key, ca.value)
+    with db.connect() as conn:
+        if list_name is not None:
+            members = select(list_members.c.contact_id).where(
+                list_members.c.list_id == _list_id(conn, list_name)
+            )
+            query = query.where(c.id.in_(members))
+            attr_query = attr_query.where(ca.contact_id.in_(members))
+        frame = pd.DataFrame(conn.execute(query).all(), columns=["id", "email", "name", "domain"])
+        attrs = pd.DataFrame(conn.execute(attr_query).all(), columns=["contact_id", "key", "value"])
+    if attrs.empty:
+        return frame
+    wide = attrs.pivot(index="contact_id", columns="key", values="value")
+    wide = wide[sorted(wide.columns)]
+    wide.columns.name = None
+    return frame.join(wide, on="id")
+
+
+def _list_id(conn: Connection, name: str) -> int:
+    found = conn.execute(select(lists.c.id).where(lists.c.name == name)).scalar_one_or_none()
+    if found is None:
+        raise NotFoundError("list", name)
+    return int(found)
+
+
+def load_lists(db: Engine) -> pd.DataFrame:
+    """Every list with its member count: columns name, members."""
+    lm = list_members.c
+    query = (
+        select(lists.c.name, func.count(lm.contact_id).label("members"))
+        .select_from(lists.outerjoin(list_members, lm.list_id == lists.c.id))
+        .group_by(lists.c.id, lists.c.name)
+        .order_by(lists.c.name)
+    )
+    with db.connect() as conn:
+        return pd.DataFrame(conn.execute(query).all(), columns=["name", "members"])
+
+
+def save_suppression(
+    db: Engine,
+    email: str,
+    *,
+    reason: str,
+    detail: str | None = None,
+    campaign_id: int | None = None,
+) -> bool:
+    """Suppress ``email`` for every future campaign; True if it was not suppressed before.
+
+    The address is normalised like an imported one so that it matches the contact.
+    """
+    if not reason or len(reason) > 40:
+        raise ValueError(f"reason must be 1-40 characters (e.g. 'bounce'), not {reason!r}")
+    try:
+        address = normalize_email(email)
+    except ValueError:
+        # A bounce or complaint may name an address no import would accept: keep it anyway.
+        local, at, domain = email.strip().rpartition("@")
+        address = f"{local}@{domain.lower()}" if at else email.strip()
+        if not address:
+            raise ValueError("cannot suppress an empty address") from None
+    s = suppressions.c
+    try:
+        with db.begin() as conn:
+            if conn.execute(select(s.email).where(s.email == address)).first() is not None:
+                return False
+            values = {"reason": reason, "detail": detail, "campaign_id": campaign_id}
+            conn.execute(insert(suppressions).values(email=address, created_at=utcnow(), **values))
+    except IntegrityError:
+        return False  # a concurrent writer suppressed it first
+    return True
+
+
+def load_suppressions(db: Engine) -> pd.DataFrame:
+    """Suppressed addresses: email, reason, detail, campaign_id, created_at (oldest first)."""
+    s = suppressions.c
+    query = select(s.email, s.reason, s.detail, s.campaign_id, s.created_at)
+    with db.connect() as conn:
+        rows = conn.execute(query.order_by(s.created_at, s.email)).all()
+    return pd.DataFrame(rows, columns=["email", "reason", "detail", "campaign_id", "created_at"])
