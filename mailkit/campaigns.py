@@ -154,11 +154,20 @@ def snapshot_campaign(db: Engine, campaign_id: int) -> int:
             now = utcnow()
             conn.execute(
                 insert(messages).from_select(
-                    ["campaign_id", "contact_id", "email", "state", "attempts", "updated_at"],
+                    [
+                        "campaign_id",
+                        "contact_id",
+                        "email",
+                        "domain",
+                        "state",
+                        "attempts",
+                        "updated_at",
+                    ],
                     select(
                         literal(campaign_id),
                         members.c.id,
                         members.c.email,
+                        members.c.domain,
                         literal("queued"),
                         literal(0),
                         literal(now, type_=messages.c.updated_at.type),

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     Dialect,
@@ -20,6 +21,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -32,10 +34,14 @@ __all__ = [
     "LEDGER_STATES",
     "PENDING_STATES",
     "UTCDateTime",
+    "bounce_rejects",
+    "campaign_variants",
     "campaigns",
     "contact_attributes",
     "contacts",
+    "domain_pacing",
     "events",
+    "links",
     "list_members",
     "lists",
     "messages",
@@ -166,6 +172,31 @@ campaigns = Table(
     Column("created_at", UTCDateTime, nullable=False, default=utcnow),
     Column("started_at", UTCDateTime),
     Column("finished_at", UTCDateTime),
+    # Tracking (opens, clicks, unsubscribe links) and where its server answers.
+    Column("tracking", Boolean, nullable=False, default=True),
+    Column("tracking_base_url", String(400)),
+    # Sending window in the recipients' local time, e.g. 09:00–20:00 Asia/Tokyo.
+    Column("timezone", String(64), nullable=False, default="Asia/Tokyo"),
+    Column("window_start", String(5)),
+    Column("window_end", String(5)),
+    # A/B test: the seed of the random assignment, the test fraction, metric and winner.
+    Column("ab_seed", Integer),
+    Column("ab_fraction", Float),
+    Column("ab_metric", String(20)),
+    Column("ab_winner", String(40)),
+)
+
+campaign_variants = Table(
+    "campaign_variants",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("campaign_id", Integer, ForeignKey("campaigns.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(40), nullable=False),
+    Column("template_id", Integer, ForeignKey("templates.id"), nullable=False),
+    Column("template_version", Integer, nullable=False),
+    # Overrides the template's subject for this variant when set.
+    Column("subject", Text),
+    UniqueConstraint("campaign_id", "name", name="uq_campaign_variants_campaign_id"),
 )
 
 #: Ledger states. ``sending`` rows belong to a live worker; ``unknown`` ones to a dead one.
@@ -191,8 +222,23 @@ messages = Table(
     Column("lease_expires_at", UTCDateTime),
     Column("sent_at", UTCDateTime),
     Column("updated_at", UTCDateTime, nullable=False, default=utcnow),
+    Column("variant", String(40)),
+    # The recipient's domain, copied at snapshot time for per-domain pacing and breakdowns.
+    Column("domain", String(255)),
     UniqueConstraint("campaign_id", "contact_id", name="uq_messages_campaign_contact"),
     Index("ix_messages_campaign_state", "campaign_id", "state"),
+    Index("ix_messages_campaign_state_next", "campaign_id", "state", "next_attempt_at"),
+)
+
+links = Table(
+    "links",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("campaign_id", Integer, ForeignKey("campaigns.id", ondelete="CASCADE"), nullable=False),
+    # A click redirects only to a URL stored here for that campaign.
+    Column("url", Text, nullable=False),
+    Column("position", Integer, nullable=False),
+    UniqueConstraint("campaign_id", "position", name="uq_links_campaign_id"),
 )
 
 events = Table(
@@ -206,5 +252,35 @@ events = Table(
     Column("type", String(20), nullable=False),
     Column("occurred_at", UTCDateTime, nullable=False, default=utcnow),
     Column("detail", JSON),
+    Column("link_id", Integer, ForeignKey("links.id", ondelete="CASCADE")),
+    Column("user_agent", Text),
+    # A keyed hash of the client address, never the address itself.
+    Column("ip_hash", String(64)),
+    # Image proxies, prefetchers and link scanners: flagged, not dropped.
+    Column("machine", Boolean, nullable=False, default=False),
     Index("ix_events_campaign_type", "campaign_id", "type"),
+    Index("ix_events_message_type", "message_id", "type"),
+    Index("ix_events_campaign_occurred", "campaign_id", "occurred_at"),
+)
+
+domain_pacing = Table(
+    "domain_pacing",
+    metadata,
+    # Shared between workers: a domain that answered 421 / 4.7.x is slowed down for everyone.
+    Column("domain", String(255), primary_key=True),
+    Column("slow_until", UTCDateTime),
+    Column("penalty", Integer, nullable=False, default=0),
+    Column("last_reply", Text),
+    Column("updated_at", UTCDateTime, nullable=False, default=utcnow),
+)
+
+bounce_rejects = Table(
+    "bounce_rejects",
+    metadata,
+    # Inbound messages that could not be parsed as bounces: kept aside, never acted on.
+    Column("id", Integer, primary_key=True),
+    Column("source", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("raw", LargeBinary),
+    Column("received_at", UTCDateTime, nullable=False, default=utcnow),
 )
