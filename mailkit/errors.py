@@ -16,7 +16,8 @@ a builtin fits, also subclasses it so that ``except ValueError`` keeps working::
     │   └── PreflightError               some recipients cannot be rendered
     ├── AddressError(ValueError)         an address or header cannot go into a message
     ├── CampaignError                    a campaign cannot be created or sent in its state
-    └── SMTPDeliveryError(ConnectionError)  the SMTP server cannot be used at all
+    ├── SMTPDeliveryError(ConnectionError)  the SMTP server cannot be used at all
+    └── TokenError(ValueError)           a tracking/unsubscribe/bounce token is forged or unknown
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "StorageError",
     "TemplateError",
     "TemplateSecurityError",
+    "TokenError",
 ]
 
 
@@ -128,3 +130,7 @@ class SMTPDeliveryError(MailkitError, ConnectionError):
     def __init__(self, message: str, *, url: str | None = None) -> None:
         super().__init__(message)
         self.url = url
+
+
+class TokenError(MailkitError, ValueError):
+    """A signed token does not verify. The message is the same for every cause on purpose."""
