@@ -58,6 +58,7 @@ from .errors import (
     StorageError,
     TemplateError,
     TemplateSecurityError,
+    TokenError,
 )
 from .messages import build_message, make_message_id, message_to_bytes, parse_address
 from .segments import (
@@ -87,12 +88,22 @@ from .templates import (
     render_template,
     save_template,
 )
+from .tracking import (
+    TOKEN_KINDS,
+    Keyring,
+    build_keyring,
+    load_keyring,
+    save_keyring_file,
+    sign_token,
+    verify_token,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BUILTIN_FIELDS",
     "RESERVED_FIELDS",
+    "TOKEN_KINDS",
     "AddressError",
     "Campaign",
     "CampaignError",
@@ -106,6 +117,7 @@ __all__ = [
     "EncodingDetectionError",
     "FaultPlan",
     "ImportReport",
+    "Keyring",
     "LedgerRow",
     "MailkitError",
     "NotFoundError",
@@ -129,10 +141,12 @@ __all__ = [
     "Template",
     "TemplateError",
     "TemplateSecurityError",
+    "TokenError",
     "__version__",
     "build_context",
     "build_dkim_key",
     "build_dkim_keypair",
+    "build_keyring",
     "build_message",
     "build_report",
     "classify_reply",
@@ -151,6 +165,7 @@ __all__ = [
     "load_campaigns",
     "load_contacts",
     "load_dkim_key",
+    "load_keyring",
     "load_lists",
     "load_report_frame",
     "load_settings",
@@ -168,12 +183,15 @@ __all__ = [
     "resolve_segment",
     "retry_delay",
     "save_dkim_key",
+    "save_keyring_file",
     "save_suppression",
     "save_template",
     "select_members",
     "send_campaign",
     "send_campaign_async",
     "serve_sink",
+    "sign_token",
     "snapshot_campaign",
     "ssl_context_for",
+    "verify_token",
 ]

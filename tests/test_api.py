@@ -18,6 +18,7 @@ PUBLIC_MODULES = [
     "mailkit.segments",
     "mailkit.sink",
     "mailkit.templates",
+    "mailkit.tracking",
 ]
 
 
