@@ -200,3 +200,33 @@ def test_preflight_failure_sends_nothing(workspace: tuple[str, Path]) -> None:
     assert "nothing was sent" in proc.stderr
     report = mailkit_json(db_url, "report", str(created["id"]))
     assert report["status"] == "draft" and report["recipients"] == 0
+
+
+def test_sink_command_receives_and_stores_until_terminated(tmp_path: Path) -> None:
+    import signal
+    import smtplib
+
+    maildir = tmp_path / "inbox"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mailkit.cli", "sink", "--port", "0", "--maildir", str(maildir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # "sink listening on smtp://127.0.0.1:PORT, ..."
+        assert "sink listening on smtp://127.0.0.1:" in first, first + proc.stderr.read()
+        port = int(first.split("smtp://127.0.0.1:")[1].split(",")[0])
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail(
+                "a@example.jp",
+                ["b@example.jp"],
+                "Subject: hi\r\nFrom: a@example.jp\r\nTo: b@example.jp\r\n\r\nbody\r\n",
+            )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    stored = list((maildir / "new").iterdir())
+    assert len(stored) == 1 and b"Subject: hi" in stored[0].read_bytes()
