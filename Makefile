@@ -28,6 +28,7 @@ test: lint typecheck pytest
 
 demo: $(STAMP)
 	$(BIN)/mailkit demo --dir demo-output
+	$(BIN)/python -m mailkit.demo_notebooks demo-output/notebooks
 
 bench: $(STAMP)
 	$(BIN)/python bench/dispatch.py

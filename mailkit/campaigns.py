@@ -53,6 +53,15 @@ class Campaign:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    tracking: bool = True
+    tracking_base_url: str | None = None
+    timezone: str = "Asia/Tokyo"
+    window_start: str | None = None
+    window_end: str | None = None
+    ab_seed: int | None = None
+    ab_fraction: float | None = None
+    ab_metric: str | None = None
+    ab_winner: str | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> Campaign:
@@ -68,11 +77,15 @@ def create_campaign(
     from_addr: str,
     reply_to: str | None = None,
     send_at: datetime | None = None,
+    tracking: bool = True,
+    tracking_url: str | None = None,
 ) -> Campaign:
     """Create a draft campaign after checking its template, segment and addresses.
 
     The segment expression is compiled against the attributes in the store now, so a typo
-    fails here rather than at send time.
+    fails here rather than at send time. ``tracking`` turns open/click tracking on or off;
+    ``tracking_url`` is the public URL of the tracking server (``mailkit serve``) the
+    campaign's links point at (default: ``MAILKIT_TRACKING_URL`` when it sends).
     """
     if not name.strip():
         raise CampaignError("a campaign needs a name")
@@ -81,6 +94,10 @@ def create_campaign(
     parse_address(from_addr, what="From")
     if reply_to:
         parse_address(reply_to, what="Reply-To")
+    if tracking_url is not None:
+        from .tracking.tracker import resolve_base_url
+
+        tracking_url = resolve_base_url(tracking_url)
     if send_at is not None and send_at.tzinfo is None:
         raise CampaignError("send_at must be timezone-aware (e.g. 2026-12-01T09:00+09:00)")
     assert tpl.id is not None
@@ -96,6 +113,8 @@ def create_campaign(
                 reply_to=reply_to,
                 status="draft",
                 send_at=send_at,
+                tracking=tracking,
+                tracking_base_url=tracking_url,
                 created_at=utcnow(),
             )
             .returning(campaigns.c.id)

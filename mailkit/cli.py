@@ -227,6 +227,13 @@ def campaign() -> None:
 @click.option("--segment", "segment_expr", required=True, metavar="EXPR")
 @click.option("--from", "from_addr", required=True, metavar="ADDR")
 @click.option("--reply-to", metavar="ADDR")
+@click.option(
+    "--tracking-url",
+    metavar="URL",
+    help="Public URL of the tracking server (`mailkit serve`) for this campaign's links "
+    "[default: MAILKIT_TRACKING_URL when it sends].",
+)
+@click.option("--no-tracking", is_flag=True, help="No open pixel or tracked links.")
 @json_option
 @click.pass_obj
 def campaign_create(
@@ -236,6 +243,8 @@ def campaign_create(
     segment_expr: str,
     from_addr: str,
     reply_to: str | None,
+    tracking_url: str | None,
+    no_tracking: bool,
     as_json: bool,
 ) -> None:
     """Create a draft campaign (checks the template, segment and addresses now)."""
@@ -249,6 +258,8 @@ def campaign_create(
         segment=segment_expr,
         from_addr=from_addr,
         reply_to=reply_to,
+        tracking=not no_tracking,
+        tracking_url=tracking_url,
     )
     members = count_segment(obj.db, segment_expr)
     _emit(
@@ -273,6 +284,29 @@ def campaign_create(
 )
 @click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True)
 @click.option("--resend-unknown", is_flag=True, help="Re-send rows whose outcome is unknown.")
+@click.option(
+    "--bounce-threshold",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.05,
+    show_default=True,
+    help="Pause when more than this fraction of the first recipients hard-bounce.",
+)
+@click.option(
+    "--bounce-sample",
+    type=click.IntRange(1),
+    default=1000,
+    show_default=True,
+    metavar="N",
+    help="How many first recipients the bounce threshold watches.",
+)
+@click.option(
+    "--max-wait",
+    type=click.FloatRange(0),
+    default=60.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Longest wait for a slowed-down domain or relay before leaving it to a later run.",
+)
 @json_option
 @click.pass_obj
 def campaign_send(
@@ -281,10 +315,17 @@ def campaign_send(
     smtp_url: str,
     concurrency: int,
     resend_unknown: bool,
+    bounce_threshold: float,
+    bounce_sample: int,
+    max_wait: float,
     as_json: bool,
 ) -> None:
-    """Send a campaign, or resume it; one message per recipient."""
-    from .dispatch import send_campaign
+    """Send a campaign, or resume it (also a paused one); one message per recipient.
+
+    The progress bar shows live sent / deferred / failed counts; `mailkit report ID` shows
+    the same counts from another terminal while it runs.
+    """
+    from .dispatch import SafetyStop, send_campaign
 
     result = send_campaign(
         obj.db,
@@ -293,6 +334,10 @@ def campaign_send(
         concurrency=concurrency,
         resend_unknown=resend_unknown,
         progress=not as_json,
+        safety=SafetyStop(
+            threshold=bounce_threshold, first=bounce_sample, min_sample=min(100, bounce_sample)
+        ),
+        max_wait=max_wait,
     )
 
     def text() -> None:
@@ -308,11 +353,164 @@ def campaign_send(
                 f"{result.recovered_unknown} recipients were in flight when an earlier run "
                 "stopped: marked unknown, not re-sent (use --resend-unknown to send them)."
             )
+        if result.note:
+            click.echo(f"note: {result.note}")
 
     _emit(result.to_dict(), as_json, text)
     if result.status == "paused":
         click.echo(f"error: campaign paused: {result.status_reason}", err=True)
         sys.exit(1)
+
+
+@campaign.command("dry-run")
+@click.argument("campaign_id", type=int)
+@click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder for the .eml files (created if missing).",
+)
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N.")
+@json_option
+@click.pass_obj
+def campaign_dry_run(
+    obj: _Context, campaign_id: int, directory: Path, limit: int | None, as_json: bool
+) -> None:
+    """Render, sign and write every message as .eml files; send nothing, change nothing."""
+    from .dispatch import save_dry_run
+
+    dry = save_dry_run(obj.db, campaign_id, directory, limit=limit)
+
+    def text() -> None:
+        click.echo(f"{len(dry.files)} messages written to {dry.folder}")
+        for failure in dry.failures[:20]:
+            click.echo(f"  {failure.email}: {failure.error}")
+
+    _emit(dry.to_dict(), as_json, text)
+
+
+@campaign.command("test")
+@click.argument("campaign_id", type=int)
+@click.option("--to", "to_addr", required=True, metavar="ADDR", help="Where the test goes.")
+@click.option(
+    "--smtp",
+    "smtp_url",
+    envvar="MAILKIT_SMTP_URL",
+    required=True,
+    metavar="URL",
+    help="The SMTP server [env MAILKIT_SMTP_URL].",
+)
+@click.option(
+    "--as",
+    "as_contact",
+    metavar="EMAIL",
+    default=None,
+    help="Render with this recipient's data (default: the first recipient).",
+)
+@json_option
+@click.pass_obj
+def campaign_test(
+    obj: _Context,
+    campaign_id: int,
+    to_addr: str,
+    smtp_url: str,
+    as_contact: str | None,
+    as_json: bool,
+) -> None:
+    """Send one recipient's message to ADDR with "[TEST]" in the subject; no ledger change."""
+    from .dispatch import send_campaign_test
+
+    outcome = send_campaign_test(obj.db, campaign_id, to_addr, smtp_url, contact=as_contact)
+    data = {"to": to_addr, "outcome": outcome.kind, "reply": outcome.reply}
+    _emit(data, as_json, lambda: click.echo(f"test to {to_addr}: {outcome.kind} ({outcome.reply})"))
+    if outcome.kind != "sent":
+        sys.exit(1)
+
+
+@campaign.command("pause")
+@click.argument("campaign_id", type=int)
+@click.option("--reason", default=None, help="Shown in reports and to whoever resumes it.")
+@click.pass_obj
+def campaign_pause(obj: _Context, campaign_id: int, reason: str | None) -> None:
+    """Pause a sending campaign; running senders stop before their next message."""
+    from .dispatch import pause_campaign
+
+    pause_campaign(obj.db, campaign_id, reason)
+    click.echo(
+        f"campaign {campaign_id} paused; resume with `mailkit campaign resume {campaign_id}`"
+    )
+
+
+@campaign.command("resume")
+@click.argument("campaign_id", type=int)
+@click.pass_obj
+def campaign_resume(obj: _Context, campaign_id: int) -> None:
+    """Let a paused campaign send again (the next `campaign send` or `run-due` sends it)."""
+    from .dispatch import resume_campaign
+
+    resume_campaign(obj.db, campaign_id)
+    click.echo(f"campaign {campaign_id} may send again")
+
+
+def _parse_when(value: str) -> Any:
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a time like 2026-04-01T09:00+09:00") from None
+    # A time without a zone is Japan time, the zone the campaigns are planned in.
+    return when if when.tzinfo is not None else when.replace(tzinfo=ZoneInfo("Asia/Tokyo"))
+
+
+@campaign.command("schedule")
+@click.argument("campaign_id", type=int)
+@click.option("--at", "send_at", metavar="TIME", help="Start at TIME (ISO; no zone = Asia/Tokyo).")
+@click.option("--clear", is_flag=True, help="Remove the start time (the draft stays a draft).")
+@click.option("--window", metavar="HH:MM-HH:MM", help="Only send between these local times.")
+@click.option("--no-window", is_flag=True, help="Remove the sending window.")
+@click.option("--timezone", default="Asia/Tokyo", show_default=True, help="The window's zone.")
+@json_option
+@click.pass_obj
+def campaign_schedule(
+    obj: _Context,
+    campaign_id: int,
+    send_at: str | None,
+    clear: bool,
+    window: str | None,
+    no_window: bool,
+    timezone: str,
+    as_json: bool,
+) -> None:
+    """Set when a draft starts and the hours it may send in; `mailkit run-due` sends it."""
+    from .scheduling import format_local, schedule_campaign, set_sending_window
+
+    if (send_at and clear) or (window and no_window):
+        raise click.UsageError("--at/--clear and --window/--no-window exclude each other")
+    data: dict[str, Any] = {"campaign_id": campaign_id}
+    if send_at or clear:
+        when = _parse_when(send_at) if send_at else None
+        schedule_campaign(obj.db, campaign_id, when)
+        data["send_at"] = when.isoformat() if when else None
+    if window or no_window:
+        start, _, end = (window or "").partition("-")
+        set_sending_window(obj.db, campaign_id, start or None, end or None, timezone=timezone)
+        data["window"] = window
+    if len(data) == 1:
+        raise click.UsageError("give --at, --clear, --window or --no-window")
+
+    def text() -> None:
+        if "send_at" in data:
+            shown = (
+                format_local(_parse_when(data["send_at"])) if data["send_at"] else "not scheduled"
+            )
+            click.echo(f"campaign {campaign_id} starts: {shown}")
+        if "window" in data:
+            click.echo(f"sending window: {window + ' ' + timezone if window else 'any time'}")
+
+    _emit(data, as_json, text)
 
 
 @campaign.command("list")
@@ -325,19 +523,91 @@ def campaign_list(obj: _Context) -> None:
     click.echo(frame.to_string(index=False) if len(frame) else "(no campaigns)")
 
 
+@cli.command("run-due")
+@click.option(
+    "--smtp",
+    "smtp_url",
+    envvar="MAILKIT_SMTP_URL",
+    required=True,
+    metavar="URL",
+    help="The SMTP server [env MAILKIT_SMTP_URL].",
+)
+@click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option(
+    "--confirm-late",
+    "confirm_late",
+    type=int,
+    multiple=True,
+    metavar="ID",
+    help="Send this campaign even though it was due long ago (repeatable).",
+)
+@json_option
+@click.pass_obj
+def run_due_command(
+    obj: _Context, smtp_url: str, concurrency: int, confirm_late: tuple[int, ...], as_json: bool
+) -> None:
+    """Send every due campaign: scheduled drafts whose time came, and retries that are due.
+
+    Safe from cron every minute; overlapping runs share the work through the ledger.
+    """
+    from .scheduling import run_due
+
+    runs = run_due(
+        obj.db, smtp_url, confirm_late=confirm_late, concurrency=concurrency, progress=False
+    )
+
+    def text() -> None:
+        if not runs:
+            click.echo("nothing due")
+        for run in runs:
+            if run.result is not None:
+                r = run.result
+                note = f" — {r.note}" if r.note else ""
+                click.echo(
+                    f"campaign {run.campaign.id} {run.campaign.name!r}: {r.status}, "
+                    f"{r.outcomes.get('sent', 0)} sent this run{note}"
+                )
+            else:
+                click.echo(
+                    f"campaign {run.campaign.id} {run.campaign.name!r}: skipped: {run.skipped}"
+                )
+
+    _emit({"runs": [run.to_dict() for run in runs]}, as_json, text)
+    if any(run.skipped for run in runs):
+        sys.exit(1)
+
+
 # --- report ---------------------------------------------------------------------------------
 
 
 @cli.command()
 @click.argument("campaign_id", type=int)
+@click.option(
+    "--html",
+    "html_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE",
+    help="Also write the campaign dashboard (charts, breakdowns, A/B test, definitions) to "
+    "FILE as one self-contained HTML page that works offline.",
+)
 @json_option
 @click.pass_obj
-def report(obj: _Context, campaign_id: int, as_json: bool) -> None:
+def report(obj: _Context, campaign_id: int, html_path: Path | None, as_json: bool) -> None:
     """Delivery report: recipients, sent, failed, bounced, deliverability."""
-    from .analytics import build_report
+    from .analytics import build_report, save_dashboard_html
 
     rep = build_report(obj.db, campaign_id)
-    _emit(rep.to_dict(), as_json, lambda: click.echo(format_report(rep)))
+    data = rep.to_dict()
+    if html_path is not None:
+        data["html"] = str(save_dashboard_html(obj.db, campaign_id, html_path))
+
+    def text() -> None:
+        click.echo(format_report(rep))
+        if html_path is not None:
+            click.echo(f"dashboard written to {data['html']}")
+
+    _emit(data, as_json, text)
 
 
 def format_report(rep: Any) -> str:
@@ -450,6 +720,18 @@ def demo(directory: Path) -> None:
     from .demo import run_demo
 
     run_demo(directory, echo=click.echo)
+
+
+def _register_commands() -> None:
+    # Commands that live in their own modules, to keep this file a thin index.
+    from .cli_bounces import bounces
+    from .cli_serve import serve
+
+    cli.add_command(bounces)
+    cli.add_command(serve)
+
+
+_register_commands()
 
 
 def main() -> None:

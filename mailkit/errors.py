@@ -17,7 +17,8 @@ a builtin fits, also subclasses it so that ``except ValueError`` keeps working::
     ├── AddressError(ValueError)         an address or header cannot go into a message
     ├── CampaignError                    a campaign cannot be created or sent in its state
     ├── SMTPDeliveryError(ConnectionError)  the SMTP server cannot be used at all
-    └── TokenError(ValueError)           a tracking/unsubscribe/bounce token is forged or unknown
+    ├── TokenError(ValueError)           a tracking/unsubscribe/bounce token is forged or unknown
+    └── MailboxError(ConnectionError)    a bounce mailbox (IMAP) cannot be reached or read
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ __all__ = [
     "ConfigError",
     "ContactImportError",
     "EncodingDetectionError",
+    "MailboxError",
     "MailkitError",
     "NotFoundError",
     "PreflightError",
@@ -134,3 +136,7 @@ class SMTPDeliveryError(MailkitError, ConnectionError):
 
 class TokenError(MailkitError, ValueError):
     """A signed token does not verify. The message is the same for every cause on purpose."""
+
+
+class MailboxError(MailkitError, ConnectionError):
+    """A bounce mailbox (IMAP) cannot be reached, logged into or read; nothing was marked seen."""

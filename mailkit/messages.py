@@ -9,6 +9,9 @@ read them literally. Every header value is checked for CR/LF, so data can never 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -30,7 +33,14 @@ from .errors import AddressError
 from .storage.schema import utcnow
 from .templates import RenderedMessage
 
-__all__ = ["build_message", "make_message_id", "message_to_bytes", "parse_address"]
+__all__ = [
+    "MessageSkeleton",
+    "build_message",
+    "build_skeleton",
+    "make_message_id",
+    "message_to_bytes",
+    "parse_address",
+]
 
 _MAX_LINE: Final = 78  # RFC 5322 2.1.1: SHOULD; 998 is the MUST
 _HARD_LIMIT: Final = 998
@@ -251,3 +261,172 @@ def build_message(
 def message_to_bytes(msg: EmailMessage) -> bytes:
     """The message as SMTP wants it: CRLF line ends, lines within RFC 5322 limits."""
     return msg.as_bytes(policy=_POLICY)
+
+
+# -- the campaign skeleton: the stdlib's work done once per campaign ----------------------------
+
+# An address the fast path may write as is: ASCII, one @, nothing that needs quoting.
+_PLAIN_ADDRESS: Final = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
+# A display name made of atoms and spaces only needs no quoting (RFC 5322 3.2.3).
+_PLAIN_NAME: Final = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~ -]+")
+# Bytes of UTF-8 per encoded word: 45 bytes are 60 base64 characters, so a word is at most
+# 72 columns and a folded line (one leading space) stays within 78.
+_WORD_BYTES: Final = 45
+
+
+def _encoded_words(text: str, first: int = _WORD_BYTES) -> list[str]:
+    """``text`` as RFC 2047 base64 encoded words, cut at character boundaries; the first word
+    holds at most ``first`` bytes (it shares its line with the field name).
+
+    Whitespace between adjacent encoded words is ignored by readers, so the words can be
+    folded anywhere between them without changing the decoded text.
+    """
+    words: list[str] = []
+    chunk = bytearray()
+    limit = first
+    for char in text:
+        data = char.encode("utf-8")
+        if len(chunk) + len(data) > limit and chunk:
+            limit = _WORD_BYTES
+            words.append(bytes(chunk).decode("utf-8"))
+            chunk.clear()
+        chunk += data
+    if chunk or not words:
+        words.append(bytes(chunk).decode("utf-8"))
+    return [f"=?utf-8?b?{base64.b64encode(w.encode('utf-8')).decode('ascii')}?=" for w in words]
+
+
+def _header_line(name: str, value: str) -> bytes:
+    """One folded header field. ASCII values are folded at spaces, never encoded; others (and
+    values that would read as encoded words) become encoded words, one per line."""
+    if value.isascii() and "=?" not in value:
+        lines = _wrap(f"{name}: {value}")
+    else:
+        # "=?utf-8?b?" + "?=" is 12 columns; base64 makes 4 of every 3 bytes.
+        first = max(4, (_MAX_LINE - len(name) - 2 - 12) // 4 * 3)
+        words = _encoded_words(value, first)
+        lines = [f"{name}: {words[0]}", *(f" {w}" for w in words[1:])]
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _display_name(name: str) -> str:
+    """A display name as it goes before ``<addr>``: bare, quoted, or encoded words."""
+    if _PLAIN_NAME.fullmatch(name):
+        return name
+    if name.isascii() and "=?" not in name:
+        return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return " ".join(_encoded_words(name))
+
+
+def _recipient_spec(to_addr: str) -> str:
+    """``to_addr`` as an addr-spec; the fast path for the plain addresses a ledger holds."""
+    if _PLAIN_ADDRESS.fullmatch(to_addr):
+        return to_addr
+    return parse_address(to_addr, what="To").addr_spec
+
+
+def _body_part(content_type: str, body: str) -> tuple[bytes, bytes]:
+    """The MIME part headers and the encoded body (CRLF line ends, trailing CRLF)."""
+    text = "\n".join(body.splitlines()) + "\n"
+    cte = _transfer_encoding(text)
+    if cte == "7bit":
+        encoded = text.replace("\n", "\r\n").encode("ascii")
+    elif cte == "quoted-printable":
+        encoded = binascii.b2a_qp(text.encode("utf-8"), istext=True).replace(b"\n", b"\r\n")
+    else:
+        encoded = base64.encodebytes(text.replace("\n", "\r\n").encode("utf-8"))
+        encoded = encoded.replace(b"\n", b"\r\n")
+    head = (
+        f'Content-Type: {content_type}; charset="utf-8"\r\nContent-Transfer-Encoding: {cte}\r\n\r\n'
+    ).encode("ascii")
+    return head, encoded
+
+
+class MessageSkeleton:
+    """What every message of a campaign shares, parsed, checked and encoded once.
+
+    ``build`` then fills in one recipient's parts: To, Subject, Date, Message-ID, per-message
+    headers and the two bodies. The result reads the same as ``build_message`` (a test checks
+    both through the stdlib parser) at a fraction of the cost, because the stdlib's header
+    parsing and folding, which dominate ``EmailMessage``, run here once instead of per message.
+    Create it with :func:`build_skeleton`.
+    """
+
+    def __init__(self, *, from_addr: str, reply_to: str | None, headers: Mapping[str, str]):
+        self.sender = parse_address(from_addr, what="From")
+        shared = EmailMessage(policy=_POLICY)
+        shared["From"] = self.sender
+        if reply_to:
+            shared["Reply-To"] = parse_address(reply_to, what="Reply-To")
+        # The stdlib folds and encodes From / Reply-To once; the header block is reused as is.
+        self._shared = message_to_bytes(shared).split(b"\r\n\r\n", 1)[0] + b"\r\n"
+        self._shared += b"".join(_header_line(*_checked_header(n, v)) for n, v in headers.items())
+        self._boundary = "=_mk_" + secrets.token_hex(12)
+
+    def build(
+        self,
+        rendered: RenderedMessage,
+        *,
+        to_addr: str,
+        to_name: str | None = None,
+        message_id: str,
+        date: datetime | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> bytes:
+        """The wire bytes (CRLF) of one recipient's message; ``message_id`` like ``<x@y>``.
+
+        Raises AddressError for a bad address and for CR/LF in any header value.
+        """
+        spec = _recipient_spec(to_addr)
+        name = " ".join(to_name.split()) if to_name else ""
+        to_line = f"To: {_display_name(name)} <{spec}>" if name else f"To: {spec}"
+        _check_line("Subject", rendered.subject)
+        _check_line("Message-ID", message_id)
+        if date is not None and date.tzinfo is None:
+            raise ValueError(f"naive date {date!r}: pass a timezone-aware datetime")
+        parts = [
+            self._shared,
+            ("\r\n".join(_wrap(to_line)) + "\r\n").encode("ascii"),
+            _header_line("Subject", rendered.subject),
+            f"Date: {format_datetime(date or utcnow())}\r\nMessage-ID: {message_id}\r\n".encode(),
+        ]
+        for field_name, value in (headers or {}).items():
+            parts.append(_header_line(*_checked_header(field_name, value)))
+        text_head, text_body = _body_part("text/plain", rendered.text)
+        html_head, html_body = _body_part("text/html", rendered.html)
+        boundary = self._boundary
+        if boundary.encode() in text_body or boundary.encode() in html_body:
+            boundary = "=_mk_" + secrets.token_hex(16)  # a 7bit body happened to contain it
+        delimiter = f"--{boundary}\r\n".encode("ascii")
+        # The CRLF before a delimiter belongs to the delimiter (RFC 2046 5.1.1), so a body's
+        # own last line break needs one more to survive.
+        parts += [
+            b"MIME-Version: 1.0\r\n",
+            f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n\r\n'.encode(),
+            delimiter,
+            text_head,
+            text_body,
+            b"\r\n",
+            delimiter,
+            html_head,
+            html_body,
+            f"\r\n--{boundary}--\r\n".encode("ascii"),
+        ]
+        return b"".join(parts)
+
+
+def _checked_header(name: str, value: str) -> tuple[str, str]:
+    if not name or not name.isascii() or not all(33 <= ord(c) <= 126 for c in name):
+        raise AddressError(f"header name {name!r} is not a valid field name")
+    if ":" in name or name.lower() in _OWN_HEADERS:
+        raise AddressError(f"header {name!r} is set by the message builder and cannot be passed")
+    _check_line(f"header {name}", value)
+    return name, value
+
+
+def build_skeleton(
+    *, from_addr: str, reply_to: str | None = None, headers: Mapping[str, str] | None = None
+) -> MessageSkeleton:
+    """The campaign-wide part of its messages (From, Reply-To, fixed extra headers), checked
+    once; raises AddressError like ``build_message``."""
+    return MessageSkeleton(from_addr=from_addr, reply_to=reply_to, headers=headers or {})

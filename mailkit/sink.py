@@ -2,9 +2,11 @@
 
 ``Sink`` runs aiosmtpd's threaded controller on a free port and keeps every accepted message in
 a Maildir, an mbox or (when neither is given) in memory. A ``FaultPlan`` makes it misbehave on
-purpose, the way real servers do: refuse some recipients at RCPT TO, refuse a message at the end
-of DATA, drop the connection after the data arrived, stall, greet with 421, or close after N
-messages. ``serve_sink`` runs one in the foreground for ``mailkit sink``.
+purpose, the way real servers do: refuse some recipients at RCPT TO (always, or the first N
+times), refuse a message at the end of DATA, drop the connection in the middle of the data or
+after it arrived, stall at RCPT or before the final reply, greet with 421 (every connection or
+the first few), or close after N messages. ``serve_sink`` runs one in the foreground for
+``mailkit sink``.
 
     with Sink(maildir="out/") as sink:
         send_campaign(..., smtp_url=sink.url)
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import email
 import email.policy
 import hmac
@@ -78,6 +81,15 @@ class FaultPlan:
                            (e.g. ``"421 4.3.2 too busy"``)
     ``messages_per_connection``  after this many accepted messages on one connection, the next
                            MAIL FROM gets ``421 4.7.0`` and the connection closes
+    ``greeting_replies``   per connection, in the order they arrive: the i-th connection gets
+                           ``greeting_replies[i]`` (when not None) instead of the 220 greeting and
+                           is closed; later connections fall back to ``greeting_reply``
+    ``rcpt_reply_times``   recipient → how many times its ``rcpt_replies`` entry is given; after
+                           that the recipient is accepted (a temporary failure that clears)
+    ``drop_mid_data``      recipients whose data is cut: after 354 the sink reads the first bytes
+                           and resets the connection; nothing is stored
+    ``stall_at_data_end``  recipients whose message is stored but never answered: the client
+                           waits for the final reply until it gives up
     """
 
     rcpt_replies: Mapping[str, str] = field(default_factory=dict)
@@ -86,6 +98,10 @@ class FaultPlan:
     stall_at_rcpt: AbstractSet[str] = frozenset()
     greeting_reply: str | None = None
     messages_per_connection: int | None = None
+    greeting_replies: tuple[str | None, ...] = ()
+    rcpt_reply_times: Mapping[str, int] = field(default_factory=dict)
+    drop_mid_data: AbstractSet[str] = frozenset()
+    stall_at_data_end: AbstractSet[str] = frozenset()
 
     def __post_init__(self) -> None:
         # Normalised once here so the server's hot path only does dict lookups.
@@ -93,22 +109,30 @@ class FaultPlan:
         object.__setattr__(self, "data_replies", _lower_keys(self.data_replies))
         object.__setattr__(self, "drop_after_data", _lower_set(self.drop_after_data))
         object.__setattr__(self, "stall_at_rcpt", _lower_set(self.stall_at_rcpt))
-        if self.greeting_reply is not None:
-            _check_reply(self.greeting_reply)
+        object.__setattr__(self, "drop_mid_data", _lower_set(self.drop_mid_data))
+        object.__setattr__(self, "stall_at_data_end", _lower_set(self.stall_at_data_end))
+        object.__setattr__(
+            self,
+            "rcpt_reply_times",
+            MappingProxyType({k.lower(): int(v) for k, v in self.rcpt_reply_times.items()}),
+        )
+        object.__setattr__(self, "greeting_replies", tuple(self.greeting_replies))
+        for reply in (self.greeting_reply, *self.greeting_replies):
+            if reply is not None:
+                _check_reply(reply)
         if self.messages_per_connection is not None and self.messages_per_connection < 1:
             raise ConfigError("messages_per_connection must be at least 1")
 
     def merged(self, rcpt_replies: Mapping[str, str]) -> FaultPlan:
         """This plan with more RCPT replies (those given here win)."""
         combined = {**self.rcpt_replies, **{k.lower(): v for k, v in rcpt_replies.items()}}
-        return FaultPlan(
-            rcpt_replies=combined,
-            data_replies=self.data_replies,
-            drop_after_data=self.drop_after_data,
-            stall_at_rcpt=self.stall_at_rcpt,
-            greeting_reply=self.greeting_reply,
-            messages_per_connection=self.messages_per_connection,
-        )
+        return dataclasses.replace(self, rcpt_replies=combined)
+
+    def greeting_for(self, index: int) -> str | None:
+        """The fault greeting of the ``index``-th connection (0-based), or None for 220."""
+        if index < len(self.greeting_replies) and self.greeting_replies[index] is not None:
+            return self.greeting_replies[index]
+        return self.greeting_reply
 
 
 @dataclass(frozen=True)
@@ -234,7 +258,7 @@ class _Handler:
             finally:
                 self.sink._note_stall(-1)
         reply = self.plan.rcpt_replies.get(key)
-        if reply is not None:
+        if reply is not None and self.sink._use_rcpt_fault(key, self.plan.rcpt_reply_times):
             return reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -260,6 +284,12 @@ class _Handler:
             return reply
         self.sink._store_message(str(envelope.mail_from or ""), rcpts, envelope.original_content)
         session.mailkit_accepted = getattr(session, "mailkit_accepted", 0) + 1
+        if any(r.lower() in self.plan.stall_at_data_end for r in rcpts):
+            self.sink._note_stall(+1)
+            try:
+                await asyncio.Event().wait()  # the client's timeout or the sink's stop ends it
+            finally:
+                self.sink._note_stall(-1)
         if any(r.lower() in self.plan.drop_after_data for r in rcpts):
             server.transport.abort()
             await asyncio.Event().wait()  # connection_lost cancels us; no reply is ever sent
@@ -281,18 +311,32 @@ class _QuietSession(Session):
 class _SinkSMTP(SMTP):
     """aiosmtpd's SMTP plus a greeting fault and a registry of live sessions for stop()."""
 
-    def __init__(self, handler: Any, *, sink: Sink, greeting_reply: str | None, **kw: Any):
+    def __init__(self, handler: Any, *, sink: Sink, plan: FaultPlan, **kw: Any):
         super().__init__(handler, **kw)
         self._sink = sink
-        self._greeting_reply = greeting_reply
+        self._plan = plan
+        self._greeting_reply: str | None = None
         self._greeted = False
 
     def _create_session(self) -> Session:
         return _QuietSession(self.loop)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._greeting_reply = self._plan.greeting_for(self._sink._count_connection())
         super().connection_made(transport)
         self._sink._sessions.add(self)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        envelope = self.envelope
+        rcpts = [str(r).lower() for r in (envelope.rcpt_tos if envelope is not None else [])]
+        if arg or not any(r in self._plan.drop_mid_data for r in rcpts):
+            await super().smtp_DATA(arg)
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        with contextlib.suppress(Exception):
+            await self._reader.read(1024)  # some of the data, never the end of it
+        if isinstance(self.transport, asyncio.Transport):
+            self.transport.abort()  # a reset: whatever the client still sends is refused
 
     def connection_lost(self, error: Exception | None) -> None:
         self._sink._sessions.discard(self)
@@ -312,15 +356,13 @@ class _SinkSMTP(SMTP):
 class _SinkController(Controller):
     """aiosmtpd 1.4's Controller needs a concrete port; this one binds port 0 race-free."""
 
-    def __init__(self, handler: Any, *, sink: Sink, greeting_reply: str | None, **kw: Any):
+    def __init__(self, handler: Any, *, sink: Sink, plan: FaultPlan, **kw: Any):
         super().__init__(handler, **kw)
         self._sink = sink
-        self._greeting_reply = greeting_reply
+        self._plan = plan
 
     def factory(self) -> _SinkSMTP:
-        return _SinkSMTP(
-            self.handler, sink=self._sink, greeting_reply=self._greeting_reply, **self.SMTP_kwargs
-        )
+        return _SinkSMTP(self.handler, sink=self._sink, plan=self._plan, **self.SMTP_kwargs)
 
     def _run(self, ready_event: threading.Event) -> None:
         try:
@@ -399,6 +441,8 @@ class Sink:
         self._lock = threading.Lock()
         self._sessions: set[_SinkSMTP] = set()  # touched only from the server's loop thread
         self._stalled = 0
+        self._connections = 0
+        self._rcpt_faults_used: dict[str, int] = {}
         self._controller: _SinkController | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -428,7 +472,7 @@ class Sink:
         controller = _SinkController(
             _Handler(self, self._plan, self._auth),
             sink=self,
-            greeting_reply=self._plan.greeting_reply,
+            plan=self._plan,
             hostname=self.host,
             port=self._requested_port,
             ssl_context=ssl_context,
@@ -448,6 +492,8 @@ class Sink:
             ) from exc
         with self._lock:
             self._store.open()
+            # The controller's own readiness probe was connection 0; clients count from here.
+            self._connections = 0
         self._controller = controller
         return self
 
@@ -524,6 +570,28 @@ class Sink:
     def _store_message(self, mail_from: str, rcpt_tos: tuple[str, ...], data: bytes) -> None:
         with self._lock:
             self._store.add(mail_from, rcpt_tos, data)
+
+    def _count_connection(self) -> int:
+        """The 0-based index of a new connection."""
+        with self._lock:
+            index = self._connections
+            self._connections += 1
+            return index
+
+    def _use_rcpt_fault(self, key: str, limits: Mapping[str, int]) -> bool:
+        """Whether the RCPT fault for ``key`` applies this time (and count it)."""
+        with self._lock:
+            used = self._rcpt_faults_used.get(key, 0)
+            if key in limits and used >= limits[key]:
+                return False
+            self._rcpt_faults_used[key] = used + 1
+            return True
+
+    @property
+    def connections(self) -> int:
+        """How many connections the sink accepted so far."""
+        with self._lock:
+            return self._connections
 
     def _note_stall(self, delta: int) -> None:
         with self._lock:

@@ -9,16 +9,19 @@ import mailkit
 
 PUBLIC_MODULES = [
     "mailkit.analytics",
+    "mailkit.bounces",
     "mailkit.campaigns",
     "mailkit.contacts",
     "mailkit.dispatch",
     "mailkit.dkim",
     "mailkit.errors",
     "mailkit.messages",
+    "mailkit.scheduling",
     "mailkit.segments",
     "mailkit.sink",
     "mailkit.templates",
     "mailkit.tracking",
+    "mailkit.variants",
 ]
 
 

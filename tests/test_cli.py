@@ -52,7 +52,10 @@ def workspace(tmp_path: Path) -> tuple[str, Path]:
         for row in CONTACTS:
             fh.write(",".join(row) + "\r\n")
     (tmp_path / "spring.html").write_text(
-        "<p>{{ name }} 様</p><p>{{ prefecture }}の会員様へ春のご案内です。</p>", encoding="utf-8"
+        "<p>{{ name }} 様</p><p>{{ prefecture }}の会員様へ春のご案内です。</p>"
+        '<p><a href="https://shop.example.jp/spring">セール会場</a></p>'
+        '<p><a href="{{ unsubscribe_url }}">配信停止</a></p>',
+        encoding="utf-8",
     )
     return f"sqlite:///{tmp_path}/ws.db", tmp_path
 
@@ -92,6 +95,8 @@ def test_csv_to_report_one_message_per_recipient(workspace: tuple[str, Path]) ->
         expr,
         "--from",
         "ショップ <news@shop.example.jp>",
+        "--tracking-url",
+        "https://t.shop.example.jp",
     )
     campaign_id = str(created["id"])
 
@@ -120,6 +125,14 @@ def test_csv_to_report_one_message_per_recipient(workspace: tuple[str, Path]) ->
         for other in all_addresses - {rcpt}:
             assert other not in raw, f"{other} leaked into the message for {rcpt}"
         assert msg["Subject"].endswith("様へ 春のご案内")
+        # Tracking: VERP envelope sender, RFC 8058 one-click unsubscribe, tracked links.
+        assert envelope.mail_from.startswith("bounces+")
+        assert envelope.mail_from.endswith("@shop.example.jp")
+        assert msg["List-Unsubscribe"].startswith("<https://t.shop.example.jp/u/")
+        assert msg["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        html = msg.get_body(("html",)).get_content()
+        assert "https://t.shop.example.jp/c/" in html and "/o/" in html
+        assert "https://shop.example.jp/spring" not in html
     assert len({m["Message-ID"] for m in received}) == 3
     assert all(m["Date"] for m in received)
     assert len(list((folder / "maildir" / "new").iterdir())) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import mailbox
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import threading
@@ -227,3 +228,47 @@ def test_serve_sink_runs_until_sigterm(tmp_path: Path) -> None:
     assert "stopped" in out
     box = mailbox.Maildir(maildir, create=False)
     assert [m["Subject"] for m in box] == ["served"]
+
+
+def test_greeting_replies_apply_to_the_first_connections_only() -> None:
+    plan = FaultPlan(greeting_replies=("421 4.7.0 slow down", None, "421 4.3.2 busy"))
+    with Sink(faults=plan) as sink:
+        codes = []
+        for _ in range(4):
+            with socket.create_connection(("127.0.0.1", sink.port), timeout=5) as sock:
+                codes.append(sock.recv(100)[:3])
+        assert codes == [b"421", b"220", b"421", b"220"]
+        assert sink.connections == 4
+
+
+def test_rcpt_reply_times_make_a_failure_temporary() -> None:
+    plan = FaultPlan(
+        rcpt_replies={"a@example.com": "451 4.3.0 later"}, rcpt_reply_times={"A@example.com": 2}
+    )
+    with Sink(faults=plan) as sink:
+        with smtplib.SMTP("127.0.0.1", sink.port, timeout=5) as client:
+            results = []
+            for _ in range(3):
+                try:
+                    client.sendmail("s@example.com", ["a@example.com"], b"Subject: x\r\n\r\nx\r\n")
+                    results.append(250)
+                except smtplib.SMTPRecipientsRefused as exc:
+                    results.append(exc.recipients["a@example.com"][0])
+        assert results == [451, 451, 250]
+        assert sink.count == 1
+
+
+def test_drop_mid_data_stores_nothing_and_stall_at_data_end_stores_but_never_answers() -> None:
+    plan = FaultPlan(drop_mid_data={"cut@example.com"}, stall_at_data_end={"quiet@example.com"})
+    with Sink(faults=plan) as sink:
+        with (
+            smtplib.SMTP("127.0.0.1", sink.port, timeout=5) as client,
+            pytest.raises(smtplib.SMTPServerDisconnected),
+        ):
+            client.sendmail("s@example.com", ["cut@example.com"], b"Subject: x\r\n\r\nx\r\n")
+        assert sink.count == 0
+        with smtplib.SMTP("127.0.0.1", sink.port, timeout=0.5) as client:
+            with pytest.raises((TimeoutError, smtplib.SMTPServerDisconnected)):
+                client.sendmail("s@example.com", ["quiet@example.com"], b"Subject: x\r\n\r\nx\r\n")
+            client.close()
+        assert sink.count == 1

@@ -197,6 +197,56 @@ def test_sink_stopped_mid_session_is_a_defer_not_an_exception() -> None:
     assert (outcome.kind, outcome.code, outcome.stage) == ("defer", None, "rcpt")
 
 
+def test_connection_cut_in_the_middle_of_the_data_is_a_defer() -> None:
+    # Larger than every buffer between client and server, so the cut is seen before the end:
+    # the final "." was never sent, so the message provably did not arrive and may be retried.
+    body = "x" * 76 + "\n"
+    big = build_message("cut@example.com", body=body * (24 * 1024 * 1024 // len(body)))
+    with Sink(faults=FaultPlan(drop_mid_data={"cut@example.com"})) as sink:
+        cut, after = run(
+            send_all_bytes(sink.url, [("cut@example.com", big), ("ok@example.com", None)])
+        )
+        assert (cut.kind, cut.code, cut.stage) == ("defer", None, "data")
+        assert after.kind == "sent"
+        assert [e.rcpt_tos for e in sink.envelopes()] == [("ok@example.com",)]
+
+
+async def send_all_bytes(url: str, items: list[tuple[str, bytes | None]]) -> list[Outcome]:
+    async with SMTPConnection(url) as conn:
+        return [await conn.send(SENDER, r, data or build_message(r)) for r, data in items]
+
+
+def test_no_final_reply_within_data_timeout_is_unknown() -> None:
+    plan = FaultPlan(stall_at_data_end={"silent@example.com"})
+    with Sink(faults=plan) as sink:
+        url = sink.url + "?timeout=5&data_timeout=0.3"
+        silent, after = run(send_all(url, ["silent@example.com", "next@example.com"]))
+        assert (silent.kind, silent.stage) == ("unknown", "data_end")
+        assert after.kind == "sent"
+        assert sink.count == 2  # it did arrive: why "unknown" is never retried by itself
+
+
+def test_ensure_open_reports_a_busy_relay_as_a_defer() -> None:
+    with Sink(faults=FaultPlan(greeting_reply="421 4.3.2 too busy")) as sink:
+
+        async def scenario() -> Outcome | None:
+            conn = SMTPConnection(sink.url)
+            try:
+                return await conn.ensure_open()
+            finally:
+                await conn.close()
+
+        outcome = run(scenario())
+        assert outcome is not None and (outcome.kind, outcome.stage) == ("defer", "connect")
+    with Sink() as healthy:
+
+        async def ready() -> Outcome | None:
+            async with SMTPConnection(healthy.url) as conn:
+                return await conn.ensure_open()
+
+        assert run(ready()) is None
+
+
 def test_421_after_n_messages_reconnects_transparently() -> None:
     with Sink(faults=FaultPlan(messages_per_connection=2)) as sink:
         outcomes = run(send_all(sink.url, [f"u{n}@example.com" for n in range(5)]))
@@ -366,6 +416,10 @@ def test_no_auth_configured_against_an_auth_server_stops() -> None:
         ),
         ("smtp://[::1]:25", SMTPTarget("::1", 25, "none")),
         ("smtp://u%C3%BC:p@localhost:25", SMTPTarget("localhost", 25, "none", "uü", "p")),
+        (
+            "smtp://relay:25?data_timeout=120",
+            SMTPTarget("relay", 25, "none", timeout=30.0, data_timeout=120.0),
+        ),
     ],
 )
 def test_parse_smtp_url(url: str, expected: SMTPTarget) -> None:
@@ -386,6 +440,7 @@ def test_parse_smtp_url(url: str, expected: SMTPTarget) -> None:
         ("smtp://mail.example.com?timout=3", "unknown parameter"),
         ("smtp://mail.example.com?timeout=fast", "not a number"),
         ("smtp://mail.example.com?timeout=-1", "positive"),
+        ("smtp://mail.example.com?data_timeout=0", "positive"),
         ("smtp://user:secret@mail.example.com", "unencrypted"),
         ("smtp+starttls://:secret@mail.example.com", "password without a user"),
     ],

@@ -5,13 +5,19 @@ Definitions (the same words appear in the CLI and the dashboards):
 - ``recipients``  ledger rows: everyone the campaign was snapshotted for.
 - ``accepted``    messages the SMTP server accepted (250).
 - ``rejected``    messages the SMTP server refused permanently (5xx) for that recipient.
-- ``sent``        messages that got a final answer from the server: accepted + rejected.
-- ``bounced``     sent messages that did not reach the recipient: permanent SMTP rejections
-                  plus hard bounces reported later by delivery status notifications.
+- ``expired``     messages given up after their retries ran out (4xx for too long).
+- ``sent``        messages with a final outcome: accepted + rejected + expired.
+- ``bounced``     sent messages that did not reach the recipient: permanent SMTP rejections,
+                  expired retries, and hard bounces reported later by delivery status
+                  notifications (``hard_bounces`` in the metrics), once per message.
+- ``delivered``   accepted messages without a hard bounce (= sent − bounced).
 - ``deliverability`` (到達率) = (1 − bounced / sent) × 100; undefined (None) before anything
                   was sent.
 - ``pending``     queued + sending + deferred: still to be decided.
 - ``unknown``     in flight when a worker died; not re-sent unless the operator asks.
+
+These counts come from ``metrics.load_metrics`` (the one place they are defined); engagement
+metrics (opens, clicks, ...) and their rates are there too.
 """
 
 from __future__ import annotations
@@ -20,11 +26,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Engine, and_, distinct, func, select
+from sqlalchemy import Engine
 
 from ..campaigns import load_campaign
 from ..dispatch.ledger import count_states
-from ..storage.schema import events, messages
+from .metrics import load_metrics
 
 __all__ = ["CampaignReport", "build_report", "load_report_frame"]
 
@@ -46,6 +52,8 @@ class CampaignReport:
     failed: int
     unknown: int
     deliverability: float | None
+    expired: int = 0
+    delivered: int = 0
 
     @property
     def pending(self) -> int:
@@ -56,30 +64,11 @@ class CampaignReport:
 
 
 def build_report(db: Engine, campaign_id: int) -> CampaignReport:
-    """Count a campaign's ledger and bounce events into its delivery report."""
+    """Count a campaign's ledger and bounce events into its delivery report (see module doc)."""
     campaign = load_campaign(db, campaign_id)
     states = count_states(db, campaign_id)
-    with db.connect() as conn:
-        rejected = conn.execute(
-            select(func.count()).where(
-                messages.c.campaign_id == campaign_id,
-                messages.c.state == "failed",
-                messages.c.smtp_code >= 500,
-            )
-        ).scalar_one()
-        # A message counts once however many bounce reports arrive for it; soft bounces
-        # (deferrals) are not bounces until delivery is given up.
-        bounced = conn.execute(
-            select(func.count(distinct(events.c.message_id))).where(
-                and_(
-                    events.c.campaign_id == campaign_id,
-                    events.c.type == "bounce",
-                    events.c.message_id.is_not(None),
-                )
-            )
-        ).scalar_one()
-    accepted = states["sent"]
-    sent = accepted + int(rejected)
+    row = load_metrics(db, campaign_id).iloc[0]
+    sent, bounced = int(row["sent"]), int(row["hard_bounces"])
     return CampaignReport(
         campaign_id=campaign.id,
         name=campaign.name,
@@ -89,13 +78,15 @@ def build_report(db: Engine, campaign_id: int) -> CampaignReport:
         queued=states["queued"],
         sending=states["sending"],
         deferred=states["deferred"],
-        accepted=accepted,
-        rejected=int(rejected),
+        accepted=int(row["accepted"]),
+        rejected=int(row["rejected"]),
         sent=sent,
-        bounced=int(bounced),
+        bounced=bounced,
         failed=states["failed"],
         unknown=states["unknown"],
-        deliverability=None if sent == 0 else round((1 - int(bounced) / sent) * 100, 2),
+        deliverability=None if sent == 0 else round(float(row["deliverability"]), 2),
+        expired=int(row["expired"]),
+        delivered=int(row["delivered"]),
     )
 
 

@@ -1,7 +1,24 @@
-"""Dispatch: the outbox ledger, the SMTP transport and the send runner."""
+"""Dispatch: the outbox ledger, the SMTP transport, pacing, the message pipeline and the runner."""
 
 from .ledger import LedgerRow, count_states
-from .runner import SendResult, retry_delay, send_campaign, send_campaign_async
+from .pacing import (
+    DEFAULT_PACING,
+    Clock,
+    DomainPacer,
+    PacingRule,
+    SafetyStop,
+    SystemClock,
+    retry_delay,
+    unpaced_rules,
+)
+from .pipeline import Tracker, load_dkim_signer
+from .runner import (
+    SendResult,
+    pause_campaign,
+    resume_campaign,
+    send_campaign,
+    send_campaign_async,
+)
 from .transport import (
     Outcome,
     SMTPConnection,
@@ -10,18 +27,32 @@ from .transport import (
     parse_smtp_url,
     ssl_context_for,
 )
+from .trial import save_dry_run, send_campaign_test
 
 __all__ = [
+    "DEFAULT_PACING",
+    "Clock",
+    "DomainPacer",
     "LedgerRow",
     "Outcome",
+    "PacingRule",
     "SMTPConnection",
     "SMTPTarget",
+    "SafetyStop",
     "SendResult",
+    "SystemClock",
+    "Tracker",
     "classify_reply",
     "count_states",
+    "load_dkim_signer",
     "parse_smtp_url",
+    "pause_campaign",
+    "resume_campaign",
     "retry_delay",
+    "save_dry_run",
     "send_campaign",
     "send_campaign_async",
+    "send_campaign_test",
     "ssl_context_for",
+    "unpaced_rules",
 ]

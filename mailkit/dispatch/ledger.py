@@ -1,12 +1,21 @@
 """The outbox ledger: claiming rows, moving them through their states, recording outcomes.
 
-Every function here is one short transaction, so that what the database says is always what
-happened: a row is ``sending`` only while an SMTP transaction for it may be in flight, and it
-leaves that state only with the server's answer (or, after a crash, as ``unknown``).
+What the database says is always what happened:
 
-Workers are identified as ``host:pid:nonce``. A lease (``lease_expires_at``) protects claimed
-rows from other workers; a worker on the same host whose process is gone loses its rows at once,
-a worker elsewhere when its lease runs out.
+- A row is ``sending`` only while an SMTP transaction for it may be in flight. It is marked so
+  (committed) before the transaction starts and leaves that state only with the server's answer
+  or, after a crash, as ``unknown``. Each attempt carries its own Message-ID, and an outcome is
+  written only over the attempt it belongs to.
+- Rows are claimed with a lease (``lease_owner``, ``lease_expires_at``): ``SELECT … FOR UPDATE
+  SKIP LOCKED`` on PostgreSQL, a ``BEGIN IMMEDIATE`` transaction on SQLite. A row is marked
+  ``sending`` only by the owner of its lease, so two workers never send the same row.
+- Owners are ``host:pid:nonce``. A worker on this host whose process is gone loses its rows at
+  once; elsewhere, when its lease runs out. Its ``sending`` rows become ``unknown``: they may or
+  may not have reached the server, so they are not re-sent unless the operator asks.
+
+Marks and outcomes, the hot path, are committed in groups by ``commits.apply_ledger_ops``: a
+worker never has more than one row ``sending``, so a crash leaves at most one ``unknown`` row
+per connection.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, func, or_, select, update
 
 from ..storage.schema import (
     LEDGER_STATES,
@@ -27,39 +36,67 @@ from ..storage.schema import (
     campaigns,
     contact_attributes,
     contacts,
-    events,
     messages,
+    suppressions,
     utcnow,
 )
+from ..variants import is_releasable
 
 __all__ = [
+    "DEFAULT_LEASE",
     "LedgerRow",
     "claim_rows",
+    "count_bounce_sample",
     "count_states",
     "fetch_contact_contexts",
+    "finish_if_done",
     "new_worker_id",
     "recover_stale_rows",
     "release_rows",
+    "renew_leases",
+    "requeue_unknown",
 ]
 
 #: How long a claim protects rows from other workers when the owner cannot be checked.
 DEFAULT_LEASE = timedelta(minutes=10)
 
+# Owners alive in this process: a dead run of this same process (a cancelled notebook cell)
+# is recognised by its owner id missing from here.
+_LIVE_OWNERS: set[str] = set()
+
 
 @dataclass(frozen=True)
 class LedgerRow:
+    """One claimed recipient of a campaign."""
+
     id: int
     contact_id: int
     email: str
     attempts: int
+    state: str = "queued"
+    variant: str | None = None
+    domain: str | None = None
+
+    @property
+    def recipient_domain(self) -> str:
+        """The recipient's domain, lower-case (from the ledger, else from the address)."""
+        return (self.domain or self.email.rpartition("@")[2]).lower()
 
 
 def new_worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    """A new owner id ``host:pid:nonce``, registered as alive in this process."""
+    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    _LIVE_OWNERS.add(owner)
+    return owner
+
+
+def retire_worker_id(owner: str) -> None:
+    """Forget an owner id once its run is over (its rows were released)."""
+    _LIVE_OWNERS.discard(owner)
 
 
 def _owner_is_dead(owner: str | None) -> bool:
-    """True when ``owner`` is a worker on this host whose process no longer exists."""
+    """True when ``owner`` is a worker on this host whose process (or run) no longer exists."""
     if not owner:
         return True
     host, _, rest = owner.partition(":")
@@ -68,7 +105,7 @@ def _owner_is_dead(owner: str | None) -> bool:
         return False
     pid = int(pid_text)
     if pid == os.getpid():
-        return False
+        return not any(owner == live or owner.startswith(live + ":") for live in _LIVE_OWNERS)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -125,45 +162,53 @@ def requeue_unknown(db: Engine, campaign_id: int) -> int:
 def claim_rows(
     db: Engine,
     campaign_id: int,
-    worker: str,
+    owner: str,
     limit: int,
     *,
     now: datetime | None = None,
     lease: timedelta = DEFAULT_LEASE,
+    exclude_domains: Iterable[str] = (),
 ) -> list[LedgerRow]:
-    """Lease up to ``limit`` rows that are due: queued, or deferred with a passed retry time."""
+    """Lease up to ``limit`` due rows (queued, or deferred with a passed retry time), oldest
+    first, skipping ``exclude_domains``. Rows leased by another live worker are never taken."""
     now = now or utcnow()
+    m = messages.c
     due = and_(
-        messages.c.campaign_id == campaign_id,
-        or_(
-            messages.c.state == "queued",
-            and_(messages.c.state == "deferred", messages.c.next_attempt_at <= now),
-        ),
-        or_(messages.c.lease_owner.is_(None), messages.c.lease_expires_at < now),
+        m.campaign_id == campaign_id,
+        or_(m.state == "queued", and_(m.state == "deferred", m.next_attempt_at <= now)),
+        or_(m.lease_owner.is_(None), m.lease_expires_at < now),
+    )
+    # Rows held back by an A/B test that still waits for its winner are not sendable yet.
+    due = and_(due, is_releasable())
+    excluded = sorted(set(exclude_domains))
+    if excluded:
+        due = and_(due, or_(m.domain.is_(None), m.domain.not_in(excluded)))
+    # PostgreSQL: concurrent claimers skip each other's locked rows instead of queueing on
+    # them. SQLite ignores FOR UPDATE; BEGIN IMMEDIATE already makes this transaction exclusive.
+    # The ids are fetched first: as an IN (subquery) PostgreSQL may re-run the LIMIT subquery
+    # once per outer row and lease far more than ``limit`` rows.
+    candidates = (
+        select(m.id).where(due).order_by(m.id).limit(limit).with_for_update(skip_locked=True)
     )
     with db.begin() as conn:
-        candidates = select(messages.c.id).where(due).order_by(messages.c.id).limit(limit)
-        # The `due` condition is repeated on the UPDATE so that a row another worker claimed
-        # between our SELECT and our UPDATE is skipped rather than stolen.
-        conn.execute(
-            update(messages)
-            .where(messages.c.id.in_(candidates.scalar_subquery()), due)
-            .values(lease_owner=worker, lease_expires_at=now + lease)
-            .execution_options(synchronize_session=False)
-        )
+        ids = list(conn.execute(candidates).scalars())
+        if not ids:
+            return []
         rows = conn.execute(
-            select(messages.c.id, messages.c.contact_id, messages.c.email, messages.c.attempts)
-            .where(
-                messages.c.campaign_id == campaign_id,
-                messages.c.lease_owner == worker,
-                messages.c.state.in_(("queued", "deferred")),
-            )
-            .order_by(messages.c.id)
+            update(messages)
+            .where(m.id.in_(ids), due)
+            .values(lease_owner=owner, lease_expires_at=now + lease)
+            .returning(m.id, m.contact_id, m.email, m.attempts, m.state, m.variant, m.domain)
         ).all()
-    return [LedgerRow(r.id, r.contact_id, r.email, r.attempts) for r in rows]
+    found = [
+        LedgerRow(r.id, r.contact_id, r.email, r.attempts, r.state, r.variant, r.domain)
+        for r in rows
+    ]
+    found.sort(key=lambda r: r.id)
+    return found
 
 
-def release_rows(db: Engine, row_ids: Sequence[int], worker: str) -> None:
+def release_rows(db: Engine, row_ids: Sequence[int], owner: str) -> None:
     """Give back claimed rows that were not attempted, so other workers may take them."""
     if not row_ids:
         return
@@ -172,95 +217,40 @@ def release_rows(db: Engine, row_ids: Sequence[int], worker: str) -> None:
             update(messages)
             .where(
                 messages.c.id.in_(list(row_ids)),
-                messages.c.lease_owner == worker,
+                messages.c.lease_owner == owner,
                 messages.c.state.in_(("queued", "deferred")),
             )
             .values(lease_owner=None, lease_expires_at=None)
         )
 
 
-def mark_sending(
-    db: Engine, row_id: int, worker: str, message_id: str, *, now: datetime | None = None
-) -> None:
-    """Record that an SMTP transaction for this row is about to start."""
-    now = now or utcnow()
+def renew_leases(db: Engine, row_ids: Sequence[int], owner: str, *, until: datetime) -> set[int]:
+    """Extend this owner's lease on ``row_ids``; return the ids it still holds."""
+    if not row_ids:
+        return set()
     with db.begin() as conn:
         conn.execute(
             update(messages)
-            .where(messages.c.id == row_id, messages.c.lease_owner == worker)
-            .values(
-                state="sending",
-                attempts=messages.c.attempts + 1,
-                message_id=message_id,
-                updated_at=now,
-            )
+            .where(messages.c.id.in_(list(row_ids)), messages.c.lease_owner == owner)
+            .values(lease_expires_at=until)
         )
+        held = conn.execute(
+            select(messages.c.id).where(
+                messages.c.id.in_(list(row_ids)), messages.c.lease_owner == owner
+            )
+        ).scalars()
+        return set(held)
 
 
-def unmark_sending(db: Engine, row_id: int, worker: str, previous_state: str) -> None:
-    """Undo ``mark_sending`` for a row whose transaction provably never started."""
-    with db.begin() as conn:
-        conn.execute(
-            update(messages)
-            .where(
-                messages.c.id == row_id,
-                messages.c.lease_owner == worker,
-                messages.c.state == "sending",
-            )
-            .values(
-                state=previous_state,
-                attempts=messages.c.attempts - 1,
-                lease_owner=None,
-                lease_expires_at=None,
-            )
-        )
-
-
-def record_result(
-    db: Engine,
-    *,
-    campaign_id: int,
-    row: LedgerRow,
-    state: str,
-    code: int | None,
-    reply: str,
-    event: tuple[str, dict[str, Any]] | None = None,
-    next_attempt_at: datetime | None = None,
-    now: datetime | None = None,
-) -> None:
-    """Move a row out of ``sending`` with the server's answer, and log its event, atomically."""
-    now = now or utcnow()
-    with db.begin() as conn:
-        conn.execute(
-            update(messages)
-            .where(messages.c.id == row.id)
-            .values(
-                state=state,
-                smtp_code=code,
-                smtp_reply=reply[:2000],
-                next_attempt_at=next_attempt_at,
-                sent_at=now if state == "sent" else messages.c.sent_at,
-                lease_owner=None,
-                lease_expires_at=None,
-                updated_at=now,
-            )
-        )
-        if event is not None:
-            kind, detail = event
-            conn.execute(
-                insert(events).values(
-                    campaign_id=campaign_id,
-                    message_id=row.id,
-                    contact_id=row.contact_id,
-                    type=kind,
-                    occurred_at=now,
-                    detail=detail,
-                )
-            )
+# -- reading the ledger ------------------------------------------------------------------------
 
 
 def count_states(db: Engine, campaign_id: int) -> dict[str, int]:
-    """Ledger rows per state for a campaign (every state present, zeros included)."""
+    """Ledger rows per state for a campaign (every state present, zeros included).
+
+    Safe to call while the campaign is being sent, from any process: it reads what has been
+    committed, which is at most one message per connection behind the wire.
+    """
     with db.connect() as conn:
         found: dict[str, int] = {
             state: count
@@ -273,8 +263,29 @@ def count_states(db: Engine, campaign_id: int) -> dict[str, int]:
     return {state: int(found.get(state, 0)) for state in LEDGER_STATES}
 
 
-def finish_if_done(db: Engine, campaign_id: int) -> bool:
-    """Mark the campaign finished when no row is queued, sending or deferred."""
+def count_bounce_sample(db: Engine, campaign_id: int) -> tuple[int, int]:
+    """(recipients with a final SMTP answer, hard bounces) of a campaign, for the safety stop.
+
+    Final answers are ``sent`` and ``failed`` rows; hard bounces are the addresses this
+    campaign suppressed as ``hard_bounce``.
+    """
+    with db.connect() as conn:
+        finals = conn.execute(
+            select(func.count()).where(
+                messages.c.campaign_id == campaign_id, messages.c.state.in_(("sent", "failed"))
+            )
+        ).scalar_one()
+        bounces = conn.execute(
+            select(func.count()).where(
+                suppressions.c.campaign_id == campaign_id,
+                suppressions.c.reason == "hard_bounce",
+            )
+        ).scalar_one()
+    return int(finals), int(bounces)
+
+
+def finish_if_done(db: Engine, campaign_id: int, *, now: datetime | None = None) -> bool:
+    """Mark a ``sending`` campaign finished when no row is queued, sending or deferred."""
     with db.begin() as conn:
         pending = conn.execute(
             select(func.count()).where(
@@ -286,7 +297,7 @@ def finish_if_done(db: Engine, campaign_id: int) -> bool:
         conn.execute(
             update(campaigns)
             .where(campaigns.c.id == campaign_id, campaigns.c.status == "sending")
-            .values(status="finished", finished_at=utcnow())
+            .values(status="finished", finished_at=now or utcnow())
         )
         return True
 

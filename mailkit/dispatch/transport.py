@@ -90,6 +90,8 @@ class SMTPTarget:
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     timeout: float = DEFAULT_TIMEOUT
+    #: How long to wait for the reply to the end of the data (RFC 5321: 10 minutes).
+    data_timeout: float = DATA_END_TIMEOUT
 
     @property
     def safe_url(self) -> str:
@@ -127,9 +129,10 @@ def parse_smtp_url(url: str) -> SMTPTarget:
 
     ``smtp://host:25`` is plain SMTP (default port 25); ``smtp+starttls://user:pass@host:587``
     requires STARTTLS; ``smtps://host:465`` is TLS from the first byte. ``?timeout=30`` sets
-    the per-command timeout in seconds. User and password are percent-decoded; when the URL
-    has none, ``MAILKIT_SMTP_USER`` / ``MAILKIT_SMTP_PASSWORD`` fill them in. Credentials are
-    refused over plain SMTP except to a loopback address.
+    the per-command timeout in seconds, ``?data_timeout=600`` the wait for the reply to the
+    end of the data (a message without that reply is ``unknown``). User and password are
+    percent-decoded; when the URL has none, ``MAILKIT_SMTP_USER`` / ``MAILKIT_SMTP_PASSWORD``
+    fill them in. Credentials are refused over plain SMTP except to a loopback address.
     """
     if not isinstance(url, str) or not url.strip():
         raise ConfigError(f"no SMTP URL given; e.g. {_URL_EXAMPLE}")
@@ -154,19 +157,14 @@ def parse_smtp_url(url: str) -> SMTPTarget:
         raise _bad_url(url, "port 0 is not a server port")
     if parts.path not in ("", "/") or parts.fragment:
         raise _bad_url(url, "an SMTP URL has no path or #fragment")
-    timeout = DEFAULT_TIMEOUT
     query = parse_qs(parts.query, keep_blank_values=True)
-    unknown = sorted(set(query) - {"timeout"})
+    unknown = sorted(set(query) - {"timeout", "data_timeout"})
     if unknown:
-        raise _bad_url(url, f"unknown parameter(s) {', '.join(unknown)} (only timeout=)")
-    if "timeout" in query:
-        raw = query["timeout"][-1]
-        try:
-            timeout = float(raw)
-        except ValueError:
-            raise _bad_url(url, f"timeout={raw!r} is not a number of seconds") from None
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise _bad_url(url, "timeout must be a positive number of seconds")
+        raise _bad_url(
+            url, f"unknown parameter(s) {', '.join(unknown)} (only timeout=, data_timeout=)"
+        )
+    timeout = _seconds(url, query, "timeout", DEFAULT_TIMEOUT)
+    data_timeout = _seconds(url, query, "data_timeout", DATA_END_TIMEOUT)
 
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password is not None else None
@@ -183,7 +181,20 @@ def parse_smtp_url(url: str) -> SMTPTarget:
             f"refusing to send credentials unencrypted to {host}; "
             "use smtp+starttls:// (port 587) or smtps:// (port 465)",
         )
-    return SMTPTarget(host, port, security, username, password, timeout)
+    return SMTPTarget(host, port, security, username, password, timeout, data_timeout)
+
+
+def _seconds(url: str, query: dict[str, list[str]], name: str, default: float) -> float:
+    if name not in query:
+        return default
+    raw = query[name][-1]
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _bad_url(url, f"{name}={raw!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise _bad_url(url, f"{name} must be a positive number of seconds")
+    return value
 
 
 def ssl_context_for(target: SMTPTarget, cafile: str | None = None) -> ssl.SSLContext:
@@ -275,12 +286,30 @@ class _TransientConnectError(Exception):
     """Connecting failed in a way that may pass (timeout, 4xx greeting, dropped)."""
 
 
+async def _drained(protocol: object) -> None:
+    """Wait until the transport took the written data (aiosmtplib's flow control); raises
+    ConnectionResetError when the connection is lost meanwhile."""
+    drain = getattr(protocol, "_drain_helper", None)
+    if drain is not None:
+        await drain()
+    transport = getattr(protocol, "transport", None)
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the server closed the connection during the data")
+
+
 def _wire_body(message: bytes) -> bytes:
     """CRLF line endings, dot-stuffing, and the terminating ``.`` line (RFC 5321 4.5.2)."""
-    body = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
+    crlf = message.count(b"\r\n")
+    # Counting is far cheaper than a regex pass, and messages we build are CRLF already.
+    if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
+        body = message
+    else:
+        body = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
-    return re.sub(rb"(?m)^\.", b"..", body) + b".\r\n"
+    if body.startswith(b".") or b"\n." in body:
+        body = re.sub(rb"(?m)^\.", b"..", body)
+    return body + b".\r\n"
 
 
 class SMTPConnection:
@@ -329,6 +358,15 @@ class SMTPConnection:
                 await self._connect()
             except _TransientConnectError as exc:
                 raise SMTPDeliveryError(str(exc), url=self.target.safe_url) from exc.__cause__
+
+    async def ensure_open(self) -> Outcome | None:
+        """Connect now unless connected. A server that cannot be used at all raises
+        ``SMTPDeliveryError``; one that is only busy (4xx greeting, timeout, dropped) returns a
+        ``defer`` Outcome at stage ``connect``; None when the connection is ready."""
+        async with self._lock:
+            if self.is_open:
+                return None
+            return await self._connect_for_send()
 
     async def close(self) -> None:
         """Say QUIT (best effort) and close."""
@@ -558,9 +596,19 @@ class SMTPConnection:
         if protocol is None:
             self._drop()
             return _lost("data", SMTPServerDisconnected("connection lost"))
+        body = _wire_body(message)
         try:
-            protocol.write(_wire_body(message))
-            final = await protocol.read_response(timeout=max(self.target.timeout, DATA_END_TIMEOUT))
+            # The final "." is held back until the rest has left our buffers: a server that
+            # dropped the connection mid-data then provably never saw the end of the message,
+            # so the message is retried rather than left unknown.
+            protocol.write(body[:-3])
+            await _drained(protocol)
+        except (SMTPException, OSError) as exc:
+            self._drop()
+            return _lost("data", exc)
+        try:
+            protocol.write(body[-3:])
+            final = await protocol.read_response(timeout=self.target.data_timeout)
         except (SMTPException, OSError) as exc:
             self._drop()
             return _lost("data_end", exc)

@@ -41,6 +41,7 @@ __all__ = [
     "contacts",
     "domain_pacing",
     "events",
+    "inbound_bounces",
     "links",
     "list_members",
     "lists",
@@ -228,6 +229,9 @@ messages = Table(
     UniqueConstraint("campaign_id", "contact_id", name="uq_messages_campaign_contact"),
     Index("ix_messages_campaign_state", "campaign_id", "state"),
     Index("ix_messages_campaign_state_next", "campaign_id", "state", "next_attempt_at"),
+    # Bounces are matched to ledger rows by Message-ID header and by address.
+    Index("ix_messages_message_id", "message_id"),
+    Index("ix_messages_email", "email"),
 )
 
 links = Table(
@@ -261,6 +265,10 @@ events = Table(
     Index("ix_events_campaign_type", "campaign_id", "type"),
     Index("ix_events_message_type", "message_id", "type"),
     Index("ix_events_campaign_occurred", "campaign_id", "occurred_at"),
+    # Covering index of the analytics queries (per-recipient engagement of a campaign).
+    Index(
+        "ix_events_campaign_message", "campaign_id", "message_id", "type", "machine", "occurred_at"
+    ),
 )
 
 domain_pacing = Table(
@@ -282,5 +290,21 @@ bounce_rejects = Table(
     Column("source", Text, nullable=False),
     Column("reason", Text, nullable=False),
     Column("raw", LargeBinary),
+    Column("received_at", UTCDateTime, nullable=False, default=utcnow),
+)
+
+inbound_bounces = Table(
+    "inbound_bounces",
+    metadata,
+    # Every ingested bounce/complaint message once, whatever became of it: the hash of its
+    # normalised raw bytes makes ingesting the same message twice a no-op.
+    Column("id", Integer, primary_key=True),
+    Column("sha256", String(64), nullable=False, unique=True),
+    Column("source", Text, nullable=False),
+    # hard | soft | complaint | unmatched | ignored | rejected
+    Column("outcome", String(20), nullable=False),
+    Column("message_id", Integer, ForeignKey("messages.id", ondelete="SET NULL")),
+    # verp | message_id | recipient: how the bounce was tied to its ledger row
+    Column("matched_by", String(20)),
     Column("received_at", UTCDateTime, nullable=False, default=utcnow),
 )

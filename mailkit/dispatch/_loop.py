@@ -1,0 +1,500 @@
+"""One send run: the dispatcher that hands out rows, the workers, and the group-commit writer.
+
+``concurrency`` workers each hold one persistent SMTP connection. They take rows from the
+run's dispatcher, which claims them from the ledger in batches and hands out only rows whose
+recipient domain may be sent to now (pacing). Every ledger change goes through the writer,
+which commits whatever the workers submitted since its last commit in one transaction: a
+worker's outcome and its next ``sending`` mark land in the same or consecutive commits, and a
+worker waits for its mark to be committed before it starts the SMTP transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, select
+
+from ..errors import AddressError, SMTPDeliveryError, TemplateError
+from ..scheduling import SendingWindow, format_local
+from ..storage.schema import campaigns
+from .commits import (
+    LedgerOp,
+    MarkSending,
+    RecordOutcome,
+    RevertSending,
+    SlowDown,
+    apply_ledger_ops,
+)
+from .ledger import (
+    LedgerRow,
+    claim_rows,
+    count_bounce_sample,
+    fetch_contact_contexts,
+    release_rows,
+    renew_leases,
+)
+from .pacing import MAX_LIFETIME, Clock, DomainPacer, SafetyStop, retry_delay
+from .pipeline import MessageFactory, Outgoing
+from .transport import Outcome, SMTPConnection, SMTPTarget
+
+OUTCOME_KINDS = ("sent", "bounce", "fail", "defer", "unknown")
+
+
+@dataclass
+class Run:
+    """The state of one send run, shared by its workers (all on one event loop)."""
+
+    db: Engine
+    campaign_id: int
+    started_at: datetime
+    owner: str
+    target: SMTPTarget
+    factory: MessageFactory
+    clock: Clock
+    pacer: DomainPacer
+    safety: SafetyStop
+    lease: timedelta
+    max_wait: float
+    window: SendingWindow | None
+    relay: str
+    batch: int
+    max_held: int
+    progress: Any = None
+    # Why the run stops early: ``stop_reason`` pauses the campaign (policy refusal, safety
+    # stop); ``halt_note`` only ends this run (relay busy, window closed, domains slowed).
+    stop_reason: str | None = None
+    halt_note: str | None = None
+    external_status: str | None = None
+    fatal: BaseException | None = None
+    attempted: int = 0
+    notes: list[str] = field(default_factory=list)
+    _relay_busy: bool = False
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOME_KINDS, 0))
+    _held: dict[str, deque[LedgerRow]] = field(default_factory=dict)
+    _order: deque[str] = field(default_factory=deque)
+    _held_count: int = 0
+    _contexts: dict[int, dict[str, Any]] = field(default_factory=dict)
+    _excluded: set[str] = field(default_factory=set)
+    _exhausted: bool = False
+    _claim_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _renewed_at: datetime | None = None
+    _status_checked_at: datetime | None = None
+    _safety_done: bool = False
+    _finals_unchecked: int = 0
+    writer: LedgerWriter | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return (
+            self.stop_reason is not None
+            or self.halt_note is not None
+            or self.external_status is not None
+            or self.fatal is not None
+        )
+
+    def fail(self, exc: BaseException) -> None:
+        if self.fatal is None:
+            self.fatal = exc
+
+    def halt(self, note: str) -> None:
+        if self.halt_note is None:
+            self.halt_note = note
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    # -- the dispatcher ------------------------------------------------------------------
+
+    async def next_row(self) -> LedgerRow | None:
+        """The next row to send, when its domain may be sent to; None when the run is over."""
+        while True:
+            if self.stopping:
+                return None
+            now = self.clock.now()
+            if self.window is not None and not self.window.is_open(now):
+                opens = format_local(self.window.next_open(now), self.window.timezone)
+                self.halt(f"the sending window {self.window.describe()} closed; reopens {opens}")
+                return None
+            self._keep_leases(now)
+            row, wait = self._pick(now)
+            if row is not None:
+                self.pacer.take(row.recipient_domain, now)
+                return row
+            if not self._exhausted and self._held_count < self.max_held:
+                async with self._claim_lock:
+                    if not self._exhausted and not self.stopping:
+                        self._claim(now)
+                continue
+            if self._held_count == 0:
+                return None
+            assert wait is not None
+            if wait > self.max_wait:
+                self._give_up_slow_domains(now)
+                continue
+            self._check_status(now)
+            await self.clock.sleep(min(wait, 1.0))
+
+    def _pick(self, now: datetime) -> tuple[LedgerRow | None, float | None]:
+        best: float | None = None
+        order = self._order
+        for _ in range(len(order)):
+            domain = order[0]
+            order.rotate(-1)  # the next pick starts at the next domain: fair between domains
+            wait = self.pacer.wait(domain, now)
+            if wait <= 0:
+                rows = self._held[domain]
+                row = rows.popleft()
+                self._held_count -= 1
+                if not rows:
+                    del self._held[domain]
+                    order.pop()
+                return row, None
+            best = wait if best is None else min(best, wait)
+        return None, best
+
+    def _claim(self, now: datetime) -> None:
+        rows = claim_rows(
+            self.db,
+            self.campaign_id,
+            self.owner,
+            self.batch,
+            now=now,
+            lease=self.lease,
+            exclude_domains=self._excluded,
+        )
+        if not rows:
+            self._exhausted = True
+            return
+        self._contexts.update(fetch_contact_contexts(self.db, [r.contact_id for r in rows]))
+        for row in rows:
+            self._hold(row)
+
+    def _hold(self, row: LedgerRow) -> None:
+        domain = row.recipient_domain
+        rows = self._held.get(domain)
+        if rows is None:
+            rows = self._held[domain] = deque()
+            self._order.append(domain)
+        rows.append(row)
+        self._held_count += 1
+
+    def give_back(self, row: LedgerRow) -> None:
+        """A row picked but not attempted: keep it for later (released at the end)."""
+        self._hold(row)
+
+    def held_ids(self) -> list[int]:
+        return [row.id for rows in self._held.values() for row in rows]
+
+    def _keep_leases(self, now: datetime) -> None:
+        if self._renewed_at is None:
+            self._renewed_at = now
+            return
+        if now - self._renewed_at < self.lease / 3:
+            return
+        self._renewed_at = now
+        held = renew_leases(self.db, self.held_ids(), self.owner, until=now + self.lease)
+        for domain in list(self._held):
+            rows = self._held[domain]
+            kept = deque(r for r in rows if r.id in held)
+            self._held_count -= len(rows) - len(kept)
+            self._held[domain] = kept
+            if not kept:
+                del self._held[domain]
+                self._order.remove(domain)
+
+    def _give_up_slow_domains(self, now: datetime) -> None:
+        """Leave rows whose domain waits longer than ``max_wait`` to a later run."""
+        notes = []
+        for domain in list(self._held):
+            wait = self.pacer.wait(domain, now)
+            if wait > self.max_wait:
+                rows = self._held.pop(domain)
+                self._order.remove(domain)
+                self._held_count -= len(rows)
+                self._excluded.add(domain)
+                release_rows(self.db, [r.id for r in rows], self.owner)
+                until = now + timedelta(seconds=wait)
+                notes.append(f"{domain} (slowed down until {format_local(until)})")
+        if notes:
+            self.notes.append("recipients at " + ", ".join(notes) + " stay queued for a later run")
+
+    def _check_status(self, now: datetime) -> None:
+        """Notice a pause while idle (busy runs notice it at every commit)."""
+        if self._status_checked_at is not None and now - self._status_checked_at < timedelta(
+            seconds=1
+        ):
+            return
+        self._status_checked_at = now
+        with self.db.connect() as conn:
+            status = conn.execute(
+                select(campaigns.c.status).where(campaigns.c.id == self.campaign_id)
+            ).scalar_one_or_none()
+        if status != "sending":
+            self.external_status = status or "deleted"
+
+    def context_for(self, row: LedgerRow) -> Mapping[str, Any]:
+        return self._contexts.pop(row.contact_id, None) or {
+            "id": row.contact_id,
+            "email": row.email,
+        }
+
+    # -- after each commit -----------------------------------------------------------------
+
+    def after_commit(
+        self, status: str | None, slowed: Mapping[str, datetime], finals: int, bounces: int
+    ) -> None:
+        now = self.clock.now()
+        if status != "sending":
+            self.external_status = status or "deleted"
+        for key, until in slowed.items():
+            if key == self.relay:
+                self.notes.append(f"next try after {format_local(until)}")
+            else:
+                self.pacer.slow_down(key, until, now)
+        if not self.safety.enabled or self._safety_done:
+            return
+        self._finals_unchecked += finals
+        if bounces or self._finals_unchecked >= 50:
+            self._finals_unchecked = 0
+            total, bounced = count_bounce_sample(self.db, self.campaign_id)
+            if self.safety.tripped(total, bounced):
+                self.stop(self.safety.describe(min(total, self.safety.first), bounced))
+            if total >= self.safety.first:
+                self._safety_done = True
+
+    def relay_busy(self, reply: str) -> list[LedgerOp]:
+        """The relay refused a session (4xx greeting, 421 at MAIL, dropped): stop this run,
+        leave everyone queued, and slow the relay down once for every process."""
+        if self._relay_busy:
+            return []
+        self._relay_busy = True
+        self.halt(
+            f"the relay {self.target.where} is busy ({reply}); nobody was marked failed and "
+            "the remaining recipients stay queued"
+        )
+        return [SlowDown(self.relay, reply)]
+
+    def count(self, kind: str) -> None:
+        self.outcomes[kind] += 1
+        if self.progress is not None:
+            self.progress.update(1)
+            o = self.outcomes
+            self.progress.set_postfix(
+                sent=o["sent"],
+                deferred=o["defer"],
+                failed=o["bounce"] + o["fail"],
+                unknown=o["unknown"],
+                refresh=False,
+            )
+
+
+class LedgerWriter:
+    """Commits the workers' ledger changes in groups, in submission order."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        self._ops: list[LedgerOp] = []
+        self._waiters: list[tuple[int, asyncio.Future[bool]]] = []
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    def submit(self, *ops: LedgerOp) -> None:
+        """Queue ops for the next commit without waiting for it."""
+        self._ops.extend(ops)
+        self._wake.set()
+
+    async def mark(self, outgoing: Outgoing) -> bool:
+        """Commit ``outgoing``'s row as ``sending`` (with everything queued before it)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._waiters.append((len(self._ops), future))
+        self.submit(MarkSending(outgoing.row.id, outgoing.message_id))
+        return await future
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            # Let every worker that is ready add its ops to this commit.
+            await asyncio.sleep(0)
+            self.flush()
+            if self._closed and not self._ops:
+                return
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+
+    def flush(self) -> None:
+        ops, waiters = self._ops, self._waiters
+        if not ops:
+            return
+        self._ops, self._waiters = [], []
+        run = self._run
+        try:
+            applied = apply_ledger_ops(
+                run.db, run.campaign_id, run.owner, ops, now=run.clock.now(), lease=run.lease
+            )
+        except BaseException as exc:
+            run.fail(exc)
+            for _, future in waiters:
+                if not future.done():
+                    future.set_exception(exc)
+            raise
+        finals = bounces = 0
+        for op in ops:
+            if isinstance(op, RecordOutcome) and op.state in ("sent", "failed"):
+                finals += 1
+                bounces += op.suppress == "hard_bounce"
+        # Before the waiting workers resume, so that they see a pause or a stop at once.
+        run.after_commit(applied.campaign_status, applied.slowed, finals, bounces)
+        for index, future in waiters:
+            if not future.done():
+                future.set_result(applied.accepted[index])
+
+
+# -- a worker --------------------------------------------------------------------------------
+
+
+async def work(run: Run) -> None:
+    """One worker: one SMTP connection, rows until the dispatcher has none left."""
+    connection = SMTPConnection(run.target)
+    try:
+        while True:
+            row = await run.next_row()
+            if row is None:
+                return
+            try:
+                fresh = await _attempt(run, connection, row)
+            finally:
+                run.pacer.release(row.recipient_domain)
+            if fresh:
+                await connection.close()
+                connection = SMTPConnection(run.target)
+    except BaseException as exc:
+        run.fail(exc)
+    finally:
+        await connection.close()
+
+
+async def _attempt(run: Run, connection: SMTPConnection, row: LedgerRow) -> bool:
+    """Send one row; True when the connection should be replaced."""
+    writer = run.writer
+    assert writer is not None
+    try:
+        outgoing = run.factory.build(row, run.context_for(row))
+    except (TemplateError, AddressError) as exc:
+        # The contact changed since the preflight: this recipient fails alone, visibly.
+        writer.submit(
+            RecordOutcome(row, None, "failed", None, f"the message could not be built: {exc}")
+        )
+        run.count("fail")
+        return False
+    busy = await connection.ensure_open()
+    if busy is not None:
+        run.give_back(row)
+        writer.submit(*run.relay_busy(busy.reply))
+        return True
+    if run.stopping:
+        run.give_back(row)
+        return False
+    if not await writer.mark(outgoing):
+        return False  # our lease on it ran out and another worker has it now
+    if run.stopping:
+        # Paused (or stopped) in the commit that marked it: it never went out.
+        writer.submit(RevertSending(row.id, outgoing.message_id, row.state))
+        return False
+    run.attempted += 1
+    try:
+        outcome = await connection.send(outgoing.envelope_from, row.email, outgoing.data)
+    except SMTPDeliveryError:
+        writer.submit(RevertSending(row.id, outgoing.message_id, row.state))
+        raise
+    writer.submit(*decide(run, outgoing, outcome))
+    return outcome.closes_connection or outcome.kind in ("defer", "unknown")
+
+
+def decide(run: Run, outgoing: Outgoing, outcome: Outcome) -> list[LedgerOp]:
+    """The ledger ops for one SMTP outcome (see the reply table in the README)."""
+    row, mid = outgoing.row, outgoing.message_id
+    detail = {"code": outcome.code, "reply": outcome.reply, "source": "smtp"}
+    kind = outcome.kind
+    if kind == "sent":
+        run.count("sent")
+        return [
+            RecordOutcome(row, mid, "sent", outcome.code, outcome.reply, event=("sent", detail))
+        ]
+    if kind == "bounce":
+        run.count("bounce")
+        return [
+            RecordOutcome(
+                row,
+                mid,
+                "failed",
+                outcome.code,
+                outcome.reply,
+                event=("bounce", {**detail, "kind": "hard"}),
+                suppress="hard_bounce",
+            )
+        ]
+    if kind == "fail":
+        run.count("fail")
+        return [
+            RecordOutcome(
+                row,
+                mid,
+                "failed",
+                outcome.code,
+                outcome.reply,
+                event=("bounce", {**detail, "kind": "rejected"}),
+            )
+        ]
+    if kind == "unknown":
+        run.count("unknown")
+        return [RecordOutcome(row, mid, "unknown", outcome.code, outcome.reply)]
+    if kind == "stop":
+        run.stop(
+            f"the server refused the sender ({outcome.reply}); the campaign is paused and "
+            "nobody was suppressed. Check SPF/DKIM/DMARC alignment and the SMTP credentials, "
+            "then resume with `mailkit campaign send`"
+        )
+        return [RevertSending(row.id, mid, row.state)]
+    # defer
+    if outcome.stage == "connect" or (outcome.stage == "mail" and outcome.code == 421):
+        # The relay refused the session before anything of this message: not an attempt.
+        return [RevertSending(row.id, mid, row.state), *run.relay_busy(outcome.reply)]
+    run.count("defer")
+    now = run.clock.now()
+    enhanced = outcome.enhanced or ""
+    pushed_back = outcome.code == 421 or enhanced.startswith("4.7.")
+    slow = row.recipient_domain if pushed_back else None
+    attempts = row.attempts + 1
+    retry_at = now + retry_delay(attempts)
+    if retry_at - run.started_at > MAX_LIFETIME:
+        return [
+            RecordOutcome(
+                row,
+                mid,
+                "failed",
+                outcome.code,
+                f"gave up after {attempts} attempts over {MAX_LIFETIME.days} days: {outcome.reply}",
+                event=("bounce", {**detail, "kind": "expired"}),
+                slow_domain=slow,
+            )
+        ]
+    return [
+        RecordOutcome(
+            row,
+            mid,
+            "deferred",
+            outcome.code,
+            outcome.reply,
+            next_attempt_at=retry_at,
+            slow_domain=slow,
+        )
+    ]
