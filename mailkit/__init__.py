@@ -197,6 +197,7 @@ from .sink import (
 )
 from .storage import open_db
 from .templates import (
+    PREVIEW_UNSUBSCRIBE_URL,
     CompiledTemplate,
     PreflightFailure,
     PreflightReport,
@@ -253,6 +254,7 @@ __all__ = [
     "DEFAULT_TIMEZONE",
     "EVENT_TYPES",
     "METRIC_DEFINITIONS",
+    "PREVIEW_UNSUBSCRIBE_URL",
     "RATE_COLUMNS",
     "RESERVED_FIELDS",
     "TOKEN_KINDS",

@@ -68,7 +68,7 @@ TEMPLATE_HTML = """\
 </ul>
 <p><a href="https://shop.example.jp/spring">セール会場はこちら</a></p>
 <p><a href="https://shop.example.jp/coupon?c=SPRING20">クーポンを受け取る</a></p>
-<p><a href="{{ unsubscribe_url }}">配信停止</a></p>
+{% if unsubscribe_url is defined %}<p><a href="{{ unsubscribe_url }}">配信停止</a></p>{% endif %}
 </body></html>
 """
 SUBJECT = "{{ name }}様へ 春のセールのご案内"

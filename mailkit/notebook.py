@@ -36,7 +36,13 @@ from .dispatch import count_states
 from .errors import SegmentError
 from .messages import build_message, message_to_bytes
 from .storage.schema import templates, utcnow
-from .templates import Template, build_context, load_template, render_template
+from .templates import (
+    PREVIEW_UNSUBSCRIBE_URL,
+    Template,
+    build_context,
+    load_template,
+    render_template,
+)
 
 __all__ = [
     "DELIVERY_BARS",
@@ -243,7 +249,9 @@ def build_preview(
     Raises TemplateError when this contact cannot be rendered and AddressError for bad
     addresses, as sending would.
     """
-    rendered = render_template(template, build_context(contact))
+    rendered = render_template(
+        template, build_context(contact, unsubscribe_url=PREVIEW_UNSUBSCRIBE_URL)
+    )
     to_addr = str(contact.get("email") or "")
     raw_name = contact.get("name")
     name = raw_name if isinstance(raw_name, str) and raw_name else None

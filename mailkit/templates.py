@@ -38,6 +38,7 @@ from .storage.schema import templates as templates_table
 from .storage.schema import utcnow
 
 __all__ = [
+    "PREVIEW_UNSUBSCRIBE_URL",
     "CompiledTemplate",
     "PreflightFailure",
     "PreflightReport",
@@ -377,11 +378,19 @@ def _plain_value(value: Any) -> Any:
     return value
 
 
-def build_context(contact: Mapping[str, Any]) -> dict[str, Any]:
+#: What ``{{ unsubscribe_url }}`` shows in previews and preflights (each sent message has its own).
+PREVIEW_UNSUBSCRIBE_URL = "https://unsubscribe.invalid/preview"
+
+
+def build_context(
+    contact: Mapping[str, Any], *, unsubscribe_url: str | None = None
+) -> dict[str, Any]:
     """The rendering context for one contact (a members-DataFrame row as a dict).
 
     Missing values (None, NaN, NaT, pandas.NA) are dropped, so that ``|default`` and
     ``is defined`` apply to them; a nested ``attributes`` mapping is flattened.
+    ``unsubscribe_url`` is what ``{{ unsubscribe_url }}`` shows: the message's own link when
+    sending, ``PREVIEW_UNSUBSCRIBE_URL`` in previews and preflights.
     """
     fields: dict[str, Any] = {}
     for key, value in contact.items():
@@ -396,6 +405,8 @@ def build_context(contact: Mapping[str, Any]) -> dict[str, Any]:
         fields["domain"] = email.rpartition("@")[2].lower()
     context = dict(fields)
     context["contact"] = fields
+    if unsubscribe_url is not None:
+        context["unsubscribe_url"] = unsubscribe_url
     return context
 
 
@@ -407,9 +418,15 @@ def _contact_key(contact: Mapping[str, Any]) -> tuple[int | None, str]:
 
 
 def preflight_template(
-    template: Template, contacts: Iterable[Mapping[str, Any]]
+    template: Template,
+    contacts: Iterable[Mapping[str, Any]],
+    *,
+    unsubscribe_url: str | None = PREVIEW_UNSUBSCRIBE_URL,
 ) -> PreflightReport:
     """Render ``template`` for every contact and report those that fail.
+
+    ``{{ unsubscribe_url }}`` renders as a placeholder: each message gets its own link when
+    sent with tracking. Pass ``unsubscribe_url=None`` to check a campaign sent without.
 
     Per-recipient problems (a missing variable, an empty subject, an expression that fails on
     their data) are collected; a template that does not compile, or that the sandbox refuses,
@@ -425,7 +442,7 @@ def preflight_template(
         checked += 1
         error = None
         try:
-            rendered = compiled.render(build_context(contact))
+            rendered = compiled.render(build_context(contact, unsubscribe_url=unsubscribe_url))
         except TemplateSecurityError:
             raise
         except TemplateError as exc:

@@ -32,6 +32,7 @@ from ..errors import (
 from ..messages import MessageSkeleton, build_skeleton, make_message_id
 from ..storage.schema import campaign_variants
 from ..templates import (
+    PREVIEW_UNSUBSCRIBE_URL,
     CompiledTemplate,
     PreflightFailure,
     Template,
@@ -165,9 +166,6 @@ def load_campaign_content(db: Engine, campaign: Campaign) -> CampaignContent:
     return CampaignContent(compiled)
 
 
-_PREFLIGHT_UNSUBSCRIBE = "https://unsubscribe.invalid/preflight"
-
-
 def preflight_campaign(
     content: CampaignContent,
     members: Iterable[Mapping[str, Any]],
@@ -183,9 +181,9 @@ def preflight_campaign(
     checked = 0
     for member in members:
         checked += 1
-        context = build_context(member)
-        if tracker is not None:
-            context["unsubscribe_url"] = _PREFLIGHT_UNSUBSCRIBE
+        context = build_context(
+            member, unsubscribe_url=PREVIEW_UNSUBSCRIBE_URL if tracker is not None else None
+        )
         for variant, template in content.templates.items():
             error = None
             try:
