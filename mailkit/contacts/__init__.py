@@ -1,20 +1,21 @@
 """Contacts: import from CSV or a DataFrame, address validation, dedupe, lists, suppressions.
 
 An import is one database transaction, streamed in chunks: each chunk's rows are validated,
-deduplicated against the file so far, matched against the store with ``email IN (...)`` and
-written with executemany, so memory is bounded by the chunk size (plus one dict entry per
-distinct address, for in-file duplicate detection). A file that cannot be read raises and
+deduplicated against the file so far, matched against the store by address and written in
+bulk on the driver connection (executemany on SQLite, COPY on PostgreSQL; see ``_store``), so
+memory is bounded by the chunk size (plus one dict entry per distinct address, for in-file
+duplicate detection). A file that cannot be read raises and
 changes nothing; rows that cannot be imported come back in the :class:`ImportReport`.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import re
-import unicodedata
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from contextlib import ExitStack, closing, contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +23,11 @@ import email_validator
 import pandas as pd
 from email_validator import EmailNotValidError, validate_email
 from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
-from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import NotFoundError
 from ..storage.schema import (
-    UTCDateTime,
     contact_attributes,
     contacts,
     list_members,
@@ -45,7 +45,10 @@ from ._reading import (
     frame_chunks,
     open_csv,
     open_file,
+    read_ahead,
 )
+from ._store import Accepted, Tally, store_chunk
+from ._writers import open_writer
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -63,7 +66,6 @@ __all__ = [
     "save_suppression",
 ]
 
-_IN_BATCH = 900  # under SQLite's oldest bound-parameter limit (999)
 _NAME_MAX = int(contacts.c.name.type.length or 200)  # type: ignore[attr-defined]
 
 # A strict ASCII subset of what email-validator accepts, normalised exactly as it would be:
@@ -77,7 +79,6 @@ _SIMPLE_EMAIL = re.compile(
 _SPECIAL_DOMAINS = frozenset(email_validator.SPECIAL_USE_DOMAIN_NAMES)
 _SPECIAL_SUFFIXES = tuple("." + d for d in email_validator.SPECIAL_USE_DOMAIN_NAMES)
 _CASELESS_MAILBOXES = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
-_PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -145,25 +146,7 @@ def _normalize(raw: str) -> tuple[str, str]:
     return valid.normalized, valid.domain
 
 
-def _number(value: str) -> float | None:
-    if not value.isascii():
-        value = unicodedata.normalize("NFKC", value)  # full-width digits typed in Japanese IMEs
-    return float(value) if _PLAIN_NUMBER.fullmatch(value) else None
-
-
 # ---------------------------------------------------------------------------- import
-
-_Accepted = tuple[int, str, str, str | None, dict[str, str]]  # row, email, domain, name, attrs
-
-
-@dataclass
-class _Tally:
-    rows: int = 0
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    rejected: list[RejectedRow] = field(default_factory=list)
-    first_row: dict[str, int] = field(default_factory=dict)  # address -> row that brought it
 
 
 def import_contacts(
@@ -188,6 +171,7 @@ def import_contacts(
         raise ValueError(f"chunk_size must be at least 1, not {chunk_size}")
     if list_name is not None and not list_name.strip():
         raise ValueError("list_name is empty: pass a list name or None")
+    read = _ByteCount()
     with ExitStack() as stack:
         chunks: Iterator[Chunk]
         if isinstance(source, pd.DataFrame):
@@ -200,17 +184,22 @@ def import_contacts(
             where = str(path)
             fh = stack.enter_context(open_file(path))
             bar = stack.enter_context(_progress_bar(progress, path.stat().st_size, "B"))
-            used, header, reader = open_csv(fh, path, encoding, bar.update)
+            used, header, reader = open_csv(fh, path, encoding, read)
             chunks = csv_chunks(reader, where, chunk_size)
         cols = build_columns(header, where)
-        tally = _Tally()
+        tally = Tally()
         now = utcnow()
-        with db.begin() as conn:
+        # The reader thread owns tally.rows/rejected/first_row, this one added/updated/unchanged.
+        accepted = ((_accept_rows(chunk, cols, tally), len(chunk)) for chunk in chunks)
+        with _no_cyclic_gc(), db.begin() as conn, closing(read_ahead(accepted)) as ahead:
             list_id = None if list_name is None else _ensure_list(conn, list_name, now)
-            for chunk in chunks:
-                _store_chunk(conn, _accept_rows(chunk, cols, tally), list_id, now, tally)
-                if used is None:
-                    bar.update(len(chunk))
+            writer = open_writer(conn, now)
+            for rows, size in ahead:
+                store_chunk(writer, rows, list_id, tally)
+                # The bar moves here, not in the reader thread (notebook widgets are not
+                # thread-safe): by rows for a DataFrame, by bytes read for a file.
+                bar.update(size if used is None else read.take())
+            writer.finish()
     return ImportReport(
         source=where,
         encoding=used,
@@ -223,14 +212,42 @@ def import_contacts(
     )
 
 
+class _ByteCount:
+    """Bytes read so far by the reader thread, handed out to the progress bar in deltas."""
+
+    def __init__(self) -> None:
+        self.total = self.shown = 0
+
+    def __call__(self, size: int) -> None:
+        self.total += size
+
+    def take(self) -> int:
+        total = self.total
+        delta, self.shown = total - self.shown, total
+        return delta
+
+
+@contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    # An import allocates millions of short-lived row tuples and lists that form no cycles;
+    # the cyclic collector's passes over them cost almost half of a big file's parsing time.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _progress_bar(enabled: bool, total: int, unit: str) -> tqdm[Any]:
     from tqdm.auto import tqdm  # deferred: it probes for Jupyter widgets at import
 
     return tqdm(total=total, unit=unit, unit_scale=True, desc="import", disable=not enabled)
 
 
-def _accept_rows(chunk: Chunk, cols: Columns, tally: _Tally) -> list[_Accepted]:
-    accepted: list[_Accepted] = []
+def _accept_rows(chunk: Chunk, cols: Columns, tally: Tally) -> list[Accepted]:
+    accepted: list[Accepted] = []
     width, email_at, name_at = cols.width, cols.email, cols.name
     reject = tally.rejected.append
     for row, cells in chunk:
@@ -260,103 +277,6 @@ def _accept_rows(chunk: Chunk, cols: Columns, tally: _Tally) -> list[_Accepted]:
         attrs = {key: value for i, key in cols.attributes if (value := cells[i].strip())}
         accepted.append((row, email, domain, name or None, attrs))
     return accepted
-
-
-def _batched(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), _IN_BATCH):
-        yield items[start : start + _IN_BATCH]
-
-
-def _store_chunk(
-    conn: Connection, accepted: list[_Accepted], list_id: int | None, now: Any, tally: _Tally
-) -> None:
-    if not accepted:
-        return
-    c, ca, lm = contacts.c, contact_attributes.c, list_members.c
-    known: dict[str, tuple[int, str | None]] = {}
-    for batch in _batched([a[1] for a in accepted]):
-        query = select(c.id, c.email, c.name).where(c.email.in_(batch))
-        known.update((email, (cid, name)) for cid, email, name in conn.execute(query))
-    old_attrs: dict[int, dict[str, str]] = {}
-    members: set[int] = set()
-    for batch in _batched([cid for cid, _ in known.values()]):
-        query = select(ca.contact_id, ca.key, ca.value).where(ca.contact_id.in_(batch))
-        for cid, key, value in conn.execute(query):
-            old_attrs.setdefault(cid, {})[key] = value
-        if list_id is not None:
-            query = select(lm.contact_id).where(lm.list_id == list_id, lm.contact_id.in_(batch))
-            members.update(conn.execute(query).scalars())
-
-    new: list[_Accepted] = []
-    attr_new: list[dict[str, Any]] = []
-    attr_changed: list[dict[str, Any]] = []
-    touched: list[dict[str, Any]] = []
-    joined: list[int] = []
-    for item in accepted:
-        hit = known.get(item[1])
-        if hit is None:
-            new.append(item)
-            continue
-        cid, old_name = hit
-        name, attrs = item[3], item[4]
-        changed = name is not None and name != old_name
-        old = old_attrs.get(cid, {})
-        for key, value in attrs.items():
-            before = old.get(key)
-            if before is None:
-                attr_new.append(_attr_row(cid, key, value))
-            elif before != value:
-                attr_changed.append(
-                    {"b_id": cid, "b_key": key, "b_value": value, "b_num": _number(value)}
-                )
-            else:
-                continue
-            changed = True
-        if list_id is not None and cid not in members:
-            joined.append(cid)
-            changed = True
-        if changed:
-            touched.append({"b_id": cid, "b_name": name or old_name, "b_ts": now})
-            tally.updated += 1
-        else:
-            tally.unchanged += 1
-
-    if new:
-        rows = [
-            {"email": e, "name": n, "domain": d, "created_at": now, "updated_at": now}
-            for _, e, d, n, _ in new
-        ]
-        result = conn.execute(insert(contacts).returning(c.id, c.email), rows)
-        ids = {email: cid for cid, email in result}
-        for _, email, _, _, attrs in new:
-            attr_new.extend(_attr_row(ids[email], k, v) for k, v in attrs.items())
-        joined.extend(ids.values() if list_id is not None else ())
-        tally.added += len(new)
-    if touched:
-        conn.execute(
-            update(contacts)
-            .where(c.id == bindparam("b_id"))
-            .values(name=bindparam("b_name"), updated_at=bindparam("b_ts", type_=UTCDateTime())),
-            touched,
-        )
-    if attr_changed:
-        conn.execute(
-            update(contact_attributes)
-            .where(ca.contact_id == bindparam("b_id"), ca.key == bindparam("b_key"))
-            .values(value=bindparam("b_value"), value_num=bindparam("b_num")),
-            attr_changed,
-        )
-    # RETURNING makes SQLAlchemy send multi-row INSERT batches ("insertmanyvalues") where
-    # psycopg would otherwise run one statement per row.
-    if attr_new:
-        conn.execute(insert(contact_attributes).returning(ca.contact_id), attr_new)
-    if joined:
-        rows = [{"list_id": list_id, "contact_id": cid, "added_at": now} for cid in joined]
-        conn.execute(insert(list_members).returning(lm.contact_id), rows)
-
-
-def _attr_row(contact_id: int, key: str, value: str) -> dict[str, Any]:
-    return {"contact_id": contact_id, "key": key, "value": value, "value_num": _number(value)}
 
 
 def _ensure_list(conn: Connection, name: str, now: Any) -> int:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import codecs
 import csv
 import math
+import queue
 import re
+import threading
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 import pandas as pd
 
@@ -29,6 +31,7 @@ __all__ = [
     "frame_chunks",
     "open_csv",
     "open_file",
+    "read_ahead",
 ]
 
 #: Names segments use for built-in fields; an attribute column may not take them.
@@ -46,6 +49,7 @@ _HEADER_NOISE = re.compile(r"[\s\-_・\ufeff]+")
 _BLOCK = 1 << 20
 _KEY_MAX = int(contact_attributes.c.key.type.length or 100)  # type: ignore[attr-defined]
 _Counter = Callable[[int], object]
+_T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------------------- encodings
@@ -335,3 +339,51 @@ def open_file(path: Path) -> IO[bytes]:
         raise ContactImportError(f"{path} is a directory, not a CSV file", path=str(path)) from None
     except OSError as exc:
         raise ContactImportError(f"cannot read {path}: {exc.strerror}", path=str(path)) from None
+
+
+def read_ahead(items: Iterator[_T], depth: int = 2) -> Generator[_T, None, None]:
+    """``items`` produced by a worker thread, at most ``depth`` ahead of the consumer.
+
+    Parsing (Python, holding the GIL) then overlaps the database's work on the previous
+    chunk (SQLite's C code and network waits release the GIL). An exception in the worker is
+    re-raised here; closing this generator, or an exception in its consumer, stops the worker
+    and waits for it, so the source is never read after the caller has moved on.
+    """
+    handoff: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(kind: str, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put((kind, value), timeout=0.05)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put("item", item):
+                    return
+            put("end", None)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            put("error", exc)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    worker = threading.Thread(target=work, name="mailkit-read-ahead", daemon=True)
+    worker.start()
+    try:
+        while True:
+            kind, value = handoff.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        worker.join()

@@ -1,0 +1,297 @@
+"""Bulk look-ups and writes of a contact import, on the driver connection of its transaction.
+
+SQLAlchemy's per-row parameter processing (and, on PostgreSQL, psycopg parsing giant multi-row
+INSERTs) cost more than everything else in a million-row import, so the bulk statements go to
+the DBAPI connection underneath the import's SQLAlchemy transaction: one JSON array per
+statement through ``json_each`` on SQLite, ``COPY`` and ``= ANY(array)`` on PostgreSQL. They
+are still inside that one transaction, so a failure anywhere rolls back every chunk.
+
+A fresh load (no contacts in the store yet) drops the secondary indexes of the contact tables,
+and on PostgreSQL their foreign keys, and rebuilds them from their own catalog definitions at
+the end, in the same transaction: building an index once by sorting, and checking a foreign
+key with one join, is several times cheaper than maintaining them row by row. Meanwhile those
+tables are locked for other writers (SQLite: always; PostgreSQL: also for readers), which
+costs nothing while the store is empty.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection
+
+from ..errors import ConfigError
+from ..storage.schema import contact_attributes, contacts, list_members
+from ._store import AttrRow, ContactWriter
+
+__all__ = ["open_writer"]
+
+# Driver-level SQL names its tables literally; this fails at import if the schema renames them.
+_TABLES = ("contacts", "contact_attributes", "list_members")
+assert (contacts.name, contact_attributes.name, list_members.name) == _TABLES
+
+
+def open_writer(conn: Connection, now: datetime) -> ContactWriter:
+    """The writer for ``conn``'s backend; ``now`` stamps created_at/updated_at/added_at."""
+    # The timestamp as the column type binds it (naive UTC text on SQLite).
+    ts_type = contacts.c.updated_at.type.dialect_impl(conn.dialect)
+    process = ts_type.bind_processor(conn.dialect)
+    stamp = process(now) if process is not None else now
+    driver = conn.connection.driver_connection
+    if conn.dialect.name == "sqlite":
+        return _SqliteWriter(driver, stamp)
+    if conn.dialect.name == "postgresql" and conn.dialect.driver == "psycopg":
+        return _PostgresWriter(driver, stamp)
+    raise ConfigError(
+        "contact import supports SQLite and PostgreSQL (psycopg 3), not "
+        f"{conn.dialect.name}+{conn.dialect.driver}: use a sqlite:/// or "
+        "postgresql+psycopg:// URL"
+    )
+
+
+def _json(rows: Sequence[Any]) -> str:
+    return json.dumps(rows, ensure_ascii=False, check_circular=False)
+
+
+class _SqliteWriter:
+    """Rows travel as one JSON array per statement (``json_each``): SQLite parses and inserts
+    them in C with the GIL released, while the import's reader thread parses the next chunk."""
+
+    def __init__(self, driver: Any, stamp: Any) -> None:
+        self.cur = driver.cursor()
+        self.stamp = stamp
+        try:
+            self.cur.execute("SELECT json_extract('[1]', '$[0]')")
+        except Exception as exc:
+            raise ConfigError(
+                "this Python's SQLite library lacks the JSON functions that contact import "
+                "uses: use a Python build with SQLite >= 3.38 (python.org, conda, Debian)"
+            ) from exc
+        self.fresh = self.cur.execute("SELECT NOT EXISTS (SELECT 1 FROM contacts)").fetchone()[0]
+        self.rebuild: list[str] = []
+        if self.fresh:
+            # Explicit CREATE INDEX statements only: UNIQUE and PRIMARY KEY ones stay.
+            found = self.cur.execute(
+                "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL "
+                "AND tbl_name IN ('contacts', 'contact_attributes', 'list_members')"
+            ).fetchall()
+            for name, sql in found:
+                if not sql.lstrip().upper().startswith("CREATE UNIQUE"):
+                    quoted = name.replace('"', '""')
+                    self.cur.execute(f'DROP INDEX "{quoted}"')
+                    self.rebuild.append(sql)
+
+    def finish(self) -> None:
+        for sql in self.rebuild:
+            self.cur.execute(sql)
+
+    def find_contacts(self, emails: Sequence[str]) -> Iterable[tuple[int, str, str | None]]:
+        sql = "SELECT id, email, name FROM contacts WHERE email IN (SELECT value FROM json_each(?))"
+        rows: list[tuple[int, str, str | None]] = self.cur.execute(sql, (_json(emails),)).fetchall()
+        return rows
+
+    def find_attributes(self, ids: Sequence[int]) -> Iterable[tuple[int, str, str]]:
+        sql = (
+            "SELECT contact_id, key, value FROM contact_attributes "
+            "WHERE contact_id IN (SELECT value FROM json_each(?))"
+        )
+        rows: list[tuple[int, str, str]] = self.cur.execute(sql, (_json(ids),)).fetchall()
+        return rows
+
+    def find_members(self, list_id: int, ids: Sequence[int]) -> Iterable[int]:
+        sql = (
+            "SELECT contact_id FROM list_members "
+            "WHERE list_id = ? AND contact_id IN (SELECT value FROM json_each(?))"
+        )
+        return [cid for (cid,) in self.cur.execute(sql, (list_id, _json(ids)))]
+
+    def add_contacts(self, rows: Sequence[tuple[str, str | None, str]]) -> list[int]:
+        # The import's transaction holds SQLite's write lock (BEGIN IMMEDIATE, or since its
+        # first write), so nobody else can take ids between this read and the insert.
+        (top,) = self.cur.execute("SELECT coalesce(max(id), 0) FROM contacts").fetchone()
+        self.cur.execute(
+            "INSERT INTO contacts (id, email, name, domain, created_at, updated_at) "
+            "SELECT ? + key, json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+            "json_extract(value, '$[2]'), ?, ? FROM json_each(?)",
+            (top + 1, self.stamp, self.stamp, _json(rows)),
+        )
+        return list(range(top + 1, top + 1 + len(rows)))
+
+    def add_attributes(self, rows: Sequence[AttrRow]) -> None:
+        self.cur.execute(
+            "INSERT INTO contact_attributes (contact_id, key, value, value_num) "
+            "SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+            "json_extract(value, '$[2]'), json_extract(value, '$[3]') FROM json_each(?)",
+            (_json(rows),),
+        )
+
+    def add_members(self, list_id: int, ids: Sequence[int]) -> None:
+        self.cur.execute(
+            "INSERT INTO list_members (list_id, contact_id, added_at) "
+            "SELECT ?, value, ? FROM json_each(?)",
+            (list_id, self.stamp, _json(ids)),
+        )
+
+    def touch_contacts(self, rows: Sequence[tuple[int, str | None]]) -> None:
+        self.cur.executemany(
+            "UPDATE contacts SET name = ?, updated_at = ? WHERE id = ?",
+            [(name, self.stamp, cid) for cid, name in rows],
+        )
+
+    def change_attributes(self, rows: Sequence[AttrRow]) -> None:
+        self.cur.executemany(
+            "UPDATE contact_attributes SET value = ?, value_num = ? "
+            "WHERE contact_id = ? AND key = ?",
+            [(value, num, cid, key) for cid, key, value, num in rows],
+        )
+
+
+class _PostgresWriter:
+    def __init__(self, driver: Any, stamp: Any) -> None:
+        from psycopg.sql import SQL  # psycopg is the optional "postgres" extra
+
+        self.cur = driver.cursor()
+        self.stamp = stamp
+        self.staging = False
+        self.fresh = self.cur.execute("SELECT NOT EXISTS (SELECT 1 FROM contacts)").fetchone()[0]
+        self.rebuild: list[Any] = []
+        if not self.fresh:
+            return
+        # Keeps every other writer out of contacts until commit (readers too, below, once
+        # the foreign keys are dropped). Concurrent first imports into one empty store may
+        # deadlock here: PostgreSQL then aborts one of them (nothing is written) and the
+        # other goes on.
+        self.cur.execute("LOCK TABLE contacts IN SHARE ROW EXCLUSIVE MODE")
+        tables = (list(_TABLES),)
+        indexes = self.cur.execute(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname), "
+            "pg_get_indexdef(i.indexrelid) "
+            "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE i.indrelid = ANY(%s::regclass[]) AND NOT i.indisunique AND NOT i.indisprimary",
+            tables,
+        ).fetchall()
+        keys = self.cur.execute(
+            "SELECT conrelid::regclass::text, quote_ident(conname), pg_get_constraintdef(oid) "
+            "FROM pg_constraint WHERE contype = 'f' AND conrelid = ANY(%s::regclass[])",
+            tables,
+        ).fetchall()
+        for table, name, definition in keys:
+            self.cur.execute(SQL(f"ALTER TABLE {table} DROP CONSTRAINT {name}"))
+            self.rebuild.append(SQL(f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}"))
+        for name, definition in indexes:
+            self.cur.execute(SQL(f"DROP INDEX {name}"))
+            self.rebuild.insert(0, SQL(definition))  # indexes first: the key checks use them
+
+    def finish(self) -> None:
+        for statement in self.rebuild:
+            self.cur.execute(statement)
+        if self.fresh:
+            # Fresh statistics, or the first segment counts plan for empty tables.
+            self.cur.execute("ANALYZE contacts, contact_attributes, list_members")
+
+    def find_contacts(self, emails: Sequence[str]) -> Iterable[tuple[int, str, str | None]]:
+        sql = "SELECT id, email, name FROM contacts WHERE email = ANY(%s)"
+        rows: list[tuple[int, str, str | None]] = self.cur.execute(sql, (list(emails),)).fetchall()
+        return rows
+
+    def find_attributes(self, ids: Sequence[int]) -> Iterable[tuple[int, str, str]]:
+        sql = "SELECT contact_id, key, value FROM contact_attributes WHERE contact_id = ANY(%s)"
+        rows: list[tuple[int, str, str]] = self.cur.execute(sql, (list(ids),)).fetchall()
+        return rows
+
+    def find_members(self, list_id: int, ids: Sequence[int]) -> Iterable[int]:
+        sql = "SELECT contact_id FROM list_members WHERE list_id = %s AND contact_id = ANY(%s)"
+        return [cid for (cid,) in self.cur.execute(sql, (list_id, list(ids)))]
+
+    def _copy(self, table: str, columns: str, rows: Iterable[Sequence[Any]]) -> None:
+        """COPY ``rows`` into ``table``; ``columns`` is "name type, ..." (binary format: the
+        server parses no text, which matters most for timestamps)."""
+        from psycopg.sql import SQL, Identifier
+
+        pairs = [column.split() for column in columns.split(",")]
+        names = SQL(", ").join(Identifier(name) for name, _ in pairs)
+        statement = SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(Identifier(table), names)
+        with self.cur.copy(statement) as copy:
+            copy.set_types([kind for _, kind in pairs])
+            for row in rows:
+                copy.write_row(row)
+
+    def add_contacts(self, rows: Sequence[tuple[str, str | None, str]]) -> list[int]:
+        # Ids come from the column's own sequence, so concurrent writers never collide on them.
+        ids: Sequence[int]
+        if self.fresh:
+            # One block per chunk (a million nextval calls cost seconds): safe because the
+            # fresh load holds the lock that keeps every other writer out of contacts.
+            (last,) = self.cur.execute(
+                "SELECT setval(pg_get_serial_sequence('contacts', 'id'), "
+                "nextval(pg_get_serial_sequence('contacts', 'id')) + %s - 1)",
+                (len(rows),),
+            ).fetchone()
+            ids = range(last - len(rows) + 1, last + 1)
+        else:
+            ids = [
+                cid
+                for (cid,) in self.cur.execute(
+                    "SELECT nextval(pg_get_serial_sequence('contacts', 'id')) "
+                    "FROM generate_series(1, %s)",
+                    (len(rows),),
+                )
+            ]
+        ts = self.stamp
+        self._copy(
+            "contacts",
+            "id int4, email text, name text, domain text, created_at timestamptz, "
+            "updated_at timestamptz",
+            ((cid, e, n, d, ts, ts) for cid, (e, n, d) in zip(ids, rows, strict=True)),
+        )
+        return list(ids)
+
+    def add_attributes(self, rows: Sequence[AttrRow]) -> None:
+        self._copy(
+            "contact_attributes", "contact_id int4, key text, value text, value_num float8", rows
+        )
+
+    def add_members(self, list_id: int, ids: Sequence[int]) -> None:
+        ts = self.stamp
+        self._copy(
+            "list_members",
+            "list_id int4, contact_id int4, added_at timestamptz",
+            ((list_id, cid, ts) for cid in ids),
+        )
+
+    def _stage(self) -> None:
+        if not self.staging:
+            # Dropped at commit or rollback: nothing outlives the import's transaction.
+            self.cur.execute(
+                "CREATE TEMP TABLE mk_import_touch (id integer, name text) ON COMMIT DROP"
+            )
+            self.cur.execute(
+                "CREATE TEMP TABLE mk_import_attr (contact_id integer, key text, value text, "
+                "value_num double precision) ON COMMIT DROP"
+            )
+            self.staging = True
+
+    def touch_contacts(self, rows: Sequence[tuple[int, str | None]]) -> None:
+        self._stage()
+        self.cur.execute("TRUNCATE mk_import_touch")
+        self._copy("mk_import_touch", "id int4, name text", rows)
+        self.cur.execute(
+            "UPDATE contacts AS c SET name = t.name, updated_at = %s "
+            "FROM mk_import_touch AS t WHERE c.id = t.id",
+            (self.stamp,),
+        )
+
+    def change_attributes(self, rows: Sequence[AttrRow]) -> None:
+        self._stage()
+        self.cur.execute("TRUNCATE mk_import_attr")
+        self._copy(
+            "mk_import_attr", "contact_id int4, key text, value text, value_num float8", rows
+        )
+        self.cur.execute(
+            "UPDATE contact_attributes AS a SET value = t.value, value_num = t.value_num "
+            "FROM mk_import_attr AS t WHERE a.contact_id = t.contact_id AND a.key = t.key"
+        )
