@@ -726,9 +726,11 @@ def _register_commands() -> None:
     # Commands that live in their own modules, to keep this file a thin index.
     from .cli_bounces import bounces
     from .cli_serve import serve
+    from .cli_worker import worker
 
     cli.add_command(bounces)
     cli.add_command(serve)
+    cli.add_command(worker)
 
 
 _register_commands()

@@ -7,6 +7,9 @@ claim different ledger rows, so they cooperate instead of duplicating anything::
 
     * * * * *  cd /srv/mail && MAILKIT_DB=sqlite:///mailkit.db mailkit run-due --smtp smtp://relay:25
 
+Or keep ``mailkit worker`` processes running (``mailkit.dispatch.run_worker``): each makes
+``run_due`` passes until it is stopped, and any number of them share the campaigns.
+
 A campaign that was due *long* ago (``late_after``, 24 hours by default) is not sent without
 an explicit confirmation (``confirm_late=[id]``, ``--confirm-late ID``): a database restored
 from a backup must not mail last month's sale.
@@ -19,6 +22,7 @@ after its end runs over midnight (22:00–06:00).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -258,18 +262,26 @@ async def run_due_async(
     now: datetime | None = None,
     confirm_late: Collection[int] = (),
     late_after: timedelta = DEFAULT_LATE_AFTER,
+    skip: Collection[int] = (),
+    stop: asyncio.Event | None = None,
     **send_options: Any,
 ) -> list[DueRun]:
     """Send every due campaign in turn (see ``find_due_campaigns``); safe to overlap.
 
-    Late campaigns are skipped unless their id is in ``confirm_late``. ``send_options`` go to
-    ``send_campaign_async`` (concurrency, dkim, tracker, clock, ...). A campaign whose send
-    fails on its own (a preflight or template problem) is reported and the others still run.
+    Late campaigns are skipped unless their id is in ``confirm_late``; campaigns in ``skip``
+    are left alone (not reported). ``send_options`` go to ``send_campaign_async``
+    (concurrency, dkim, tracker, clock, ...). A campaign whose send fails on its own (a
+    preflight or template problem) is reported and the others still run. Once ``stop`` is
+    set the current send ends cleanly and no further campaign is started.
     """
     from .dispatch.runner import send_campaign_async  # runner imports this module
 
     runs: list[DueRun] = []
     for campaign in find_due_campaigns(db, now=now, late_after=late_after):
+        if stop is not None and stop.is_set():
+            break
+        if campaign.id in skip:
+            continue
         if campaign.late and campaign.id not in confirm_late:
             runs.append(
                 DueRun(
@@ -283,7 +295,7 @@ async def run_due_async(
             )
             continue
         try:
-            result = await send_campaign_async(db, campaign.id, smtp_url, **send_options)
+            result = await send_campaign_async(db, campaign.id, smtp_url, stop=stop, **send_options)
         except (SMTPDeliveryError, StorageError):
             raise  # the relay or the database: every other campaign would fail the same way
         except MailkitError as exc:

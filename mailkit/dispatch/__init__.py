@@ -1,4 +1,5 @@
-"""Dispatch: the outbox ledger, the SMTP transport, pacing, the message pipeline and the runner."""
+"""Dispatch: the outbox ledger, the SMTP transport, pacing, the message pipeline, the runner
+and the long-running workers."""
 
 from .ledger import LedgerRow, count_states
 from .pacing import (
@@ -28,6 +29,7 @@ from .transport import (
     ssl_context_for,
 )
 from .trial import save_dry_run, send_campaign_test
+from .worker import WorkerSummary, run_worker, run_worker_async
 
 __all__ = [
     "DEFAULT_PACING",
@@ -42,6 +44,7 @@ __all__ = [
     "SendResult",
     "SystemClock",
     "Tracker",
+    "WorkerSummary",
     "classify_reply",
     "count_states",
     "load_dkim_signer",
@@ -49,6 +52,8 @@ __all__ = [
     "pause_campaign",
     "resume_campaign",
     "retry_delay",
+    "run_worker",
+    "run_worker_async",
     "save_dry_run",
     "send_campaign",
     "send_campaign_async",

@@ -226,6 +226,7 @@ async def send_campaign_async(
     clock: Clock | None = None,
     lease: timedelta = DEFAULT_LEASE,
     max_wait: float = 60.0,
+    stop: asyncio.Event | None = None,
 ) -> SendResult:
     """Send every due recipient of a campaign, starting it first if it is a draft.
 
@@ -244,6 +245,11 @@ async def send_campaign_async(
     ``safety`` the bounce-rate stop; ``clock`` the time source (tests); ``max_wait`` the
     longest this call waits for a slowed-down domain or the relay before leaving those rows
     to a later run.
+
+    SIGTERM and Ctrl-C (in the main thread) end the run cleanly: messages in flight get their
+    answer recorded, unsent claims are released, the campaign stays ``sending``. ``stop`` does
+    the same when it is set; given one, the caller owns the signals and no handler is
+    installed here (``run_worker`` keeps its own across runs).
     """
     if concurrency < 1:
         raise CampaignError("concurrency must be at least 1")
@@ -309,7 +315,7 @@ async def send_campaign_async(
         max_held=max(64, concurrency * 64),
     )
     try:
-        await _drive(run, concurrency, progress)
+        await _drive(run, concurrency, progress, stop)
     finally:
         release_rows(db, run.held_ids(), run.owner)
         retire_worker_id(run.owner)
@@ -360,10 +366,18 @@ def _stop_on_signals(run: _loop.Run) -> list[signal.Signals]:
     return installed
 
 
-async def _drive(run: _loop.Run, concurrency: int, progress: bool) -> None:
+async def _halt_when_set(run: _loop.Run, stop: asyncio.Event) -> None:
+    await stop.wait()
+    run.halt("stopped on request; the rest stays queued for the next run")
+
+
+async def _drive(
+    run: _loop.Run, concurrency: int, progress: bool, stop: asyncio.Event | None
+) -> None:
     writer = _loop.LedgerWriter(run)
     run.writer = writer
-    handled = _stop_on_signals(run)
+    handled = _stop_on_signals(run) if stop is None else []
+    watcher = asyncio.create_task(_halt_when_set(run, stop)) if stop is not None else None
     if progress:
         from tqdm.auto import tqdm
 
@@ -375,6 +389,10 @@ async def _drive(run: _loop.Run, concurrency: int, progress: bool) -> None:
     try:
         await asyncio.gather(*(_loop.work(run) for _ in range(concurrency)))
     finally:
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         writer.close()
         try:
             await writer_task
