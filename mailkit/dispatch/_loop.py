@@ -43,6 +43,8 @@ from .pipeline import MessageFactory, Outgoing
 from .transport import Outcome, SMTPConnection, SMTPTarget
 
 OUTCOME_KINDS = ("sent", "bounce", "fail", "defer", "unknown")
+# At most this many event-loop passes gather ops into one commit (see LedgerWriter.run).
+_GATHER_PASSES = 8
 
 
 @dataclass
@@ -320,8 +322,16 @@ class LedgerWriter:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            # Let every worker that is ready add its ops to this commit.
-            await asyncio.sleep(0)
+            # Let every worker that is ready add its ops to this commit: yield to the event
+            # loop while each pass brings more. Bounded, because a worker that submitted a mark
+            # waits for this commit before it submits anything else; fewer, larger commits
+            # are what keeps the ledger's cost per message low.
+            count = -1
+            for _ in range(_GATHER_PASSES):
+                if len(self._ops) == count:
+                    break
+                count = len(self._ops)
+                await asyncio.sleep(0)
             self.flush()
             if self._closed and not self._ops:
                 return

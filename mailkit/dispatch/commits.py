@@ -252,11 +252,16 @@ def apply_ledger_ops(
         for extra in extras:
             _apply_extra(conn, campaign_id, extra, now, slowed)
         if marks:
-            conn.execute(_MARK, marks)
+            updated = conn.execute(_MARK, marks).rowcount
             wanted = {p["b_id"]: p["b_mid"] for p in marks}
-            for row in conn.execute(_MARKED, {"b_ids": list(wanted)}):
-                if row.state == "sending" and row.message_id == wanted[row.id]:
-                    accepted_marks.add(row.id)
+            if updated == len(marks) and conn.dialect.supports_sane_multi_rowcount:
+                # Each mark updates at most its own row, so every one of them took: the
+                # usual case, which spares the read-back.
+                accepted_marks.update(wanted)
+            else:
+                for row in conn.execute(_MARKED, {"b_ids": list(wanted)}):
+                    if row.state == "sending" and row.message_id == wanted[row.id]:
+                        accepted_marks.add(row.id)
         status = conn.execute(_STATUS, {"b_campaign": campaign_id}).scalar_one_or_none()
     accepted = tuple(
         op.row_id in accepted_marks if isinstance(op, MarkSending) else True for op in ops
