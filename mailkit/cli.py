@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 from sqlalchemy import Engine
@@ -19,8 +19,6 @@ from sqlalchemy import Engine
 from . import __version__
 from .errors import MailkitError, PreflightError
 from .storage import open_db, schema_revision
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class _Context:

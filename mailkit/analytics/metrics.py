@@ -42,7 +42,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from sqlalchemy import (
     ColumnElement,
@@ -320,10 +319,3 @@ def load_campaign_metrics(db: Engine, campaign_ids: Sequence[int] | None = None)
     frame = info.join(_ordered(add_rates(filled)))
     frame["started_at"] = pd.to_datetime(frame["started_at"], utc=True)
     return frame
-
-
-def _as_float(value: Any) -> float | None:
-    """A rate for display or JSON: None instead of NaN."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return None
-    return float(value)

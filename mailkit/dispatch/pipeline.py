@@ -35,7 +35,6 @@ from ..templates import (
     PREVIEW_UNSUBSCRIBE_URL,
     CompiledTemplate,
     PreflightFailure,
-    Template,
     build_context,
     compile_template,
     load_template,
@@ -295,8 +294,3 @@ def build_message_factory(
         signer=signer,
         tracker=tracker,
     )
-
-
-def template_of(content: CampaignContent) -> Template:
-    """The campaign's own template (for previews)."""
-    return content.templates[None].template
