@@ -113,6 +113,7 @@ from .dispatch import (
     SendResult,
     SMTPConnection,
     SMTPTarget,
+    Starting,
     SystemClock,
     Tracker,
     WorkerSummary,
@@ -130,6 +131,8 @@ from .dispatch import (
     send_campaign_async,
     send_campaign_test,
     ssl_context_for,
+    start_campaign,
+    start_campaign_async,
     unpaced_rules,
 )
 from .dkim import (
@@ -198,7 +201,7 @@ from .sink import (
     Sink,
     serve_sink,
 )
-from .storage import open_db
+from .storage import open_db, rebuild_engagement
 from .templates import (
     PREVIEW_UNSUBSCRIBE_URL,
     CompiledTemplate,
@@ -320,6 +323,7 @@ __all__ = [
     "SendingWindow",
     "Settings",
     "Sink",
+    "Starting",
     "StorageError",
     "SystemClock",
     "Template",
@@ -418,6 +422,7 @@ __all__ = [
     "parse_smtp_url",
     "pause_campaign",
     "preflight_template",
+    "rebuild_engagement",
     "record_events",
     "register_source",
     "render_dashboard_html",
@@ -456,6 +461,8 @@ __all__ = [
     "sign_token",
     "snapshot_campaign",
     "ssl_context_for",
+    "start_campaign",
+    "start_campaign_async",
     "summarise_cube",
     "unpaced_rules",
     "verify_token",

@@ -20,12 +20,12 @@ from datetime import datetime
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import Engine, func, insert, literal, select, update
+from sqlalchemy import Connection, Engine, func, insert, literal, select, update
 
 from .errors import CampaignError, NotFoundError
 from .messages import parse_address
 from .segments import compile_segment, load_attribute_names, select_members
-from .storage.schema import campaigns, messages, templates, utcnow
+from .storage.schema import campaign_variants, campaigns, messages, templates, utcnow
 from .templates import load_template
 
 __all__ = [
@@ -158,11 +158,22 @@ def load_campaigns(db: Engine) -> pd.DataFrame:
         return pd.DataFrame(result.all(), columns=list(result.keys()))
 
 
-def snapshot_campaign(db: Engine, campaign_id: int) -> int:
+def snapshot_campaign(
+    db: Engine,
+    campaign_id: int,
+    *,
+    assign_variants: bool = False,
+    started_by: str | None = None,
+) -> int:
     """Freeze the campaign's recipients into the ledger, once; return the ledger size.
 
     The insert and the status change are one transaction, so a crash leaves either a draft
     with no ledger or a sending campaign with its whole ledger. Calling it again changes nothing.
+    With ``assign_variants`` an A/B campaign (two variants or more) also gets its recipients'
+    variants in that same transaction (``variants.save_assignment``, with the seed and test
+    fraction saved by ``save_ab_test``): no ledger ever exists without them. Without it, call
+    ``assign_variants`` afterwards (e.g. to pick the seed then). ``started_by`` is the owner
+    of the start claim (see ``dispatch.starting``), recorded as who started the campaign.
     """
     campaign = load_campaign(db, campaign_id)
     # Compiled before the transaction: on SQLite a second connection inside it would deadlock.
@@ -202,13 +213,28 @@ def snapshot_campaign(db: Engine, campaign_id: int) -> int:
             changed = conn.execute(
                 update(campaigns)
                 .where(campaigns.c.id == campaign_id, campaigns.c.status == "draft")
-                .values(status="sending", started_at=now, snapshot_hash=digest)
+                .values(
+                    status="sending",
+                    started_at=now,
+                    snapshot_hash=digest,
+                    start_owner=started_by,
+                    start_claim_until=None,
+                )
             ).rowcount
             if changed != 1:
                 # Another process started it between our read and our write: undo ours.
                 raise CampaignError(f"campaign {campaign_id} was started concurrently; retry")
+            if assign_variants and _count_variants(conn, campaign_id) >= 2:
+                from .variants import save_assignment  # variants imports this module
+
+                save_assignment(conn, campaign_id)
         return int(
             conn.execute(
                 select(func.count()).where(messages.c.campaign_id == campaign_id)
             ).scalar_one()
         )
+
+
+def _count_variants(conn: Connection, campaign_id: int) -> int:
+    query = select(func.count()).where(campaign_variants.c.campaign_id == campaign_id)
+    return int(conn.execute(query).scalar_one())

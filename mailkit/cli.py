@@ -281,6 +281,15 @@ def campaign_create(
     "[env MAILKIT_SMTP_URL].",
 )
 @click.option("--concurrency", type=click.IntRange(1, 64), default=4, show_default=True)
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Render, sign and send from N processes (one CPU core each), within the same "
+    "concurrency and per-domain limits in all.",
+)
 @click.option("--resend-unknown", is_flag=True, help="Re-send rows whose outcome is unknown.")
 @click.option(
     "--bounce-threshold",
@@ -312,6 +321,7 @@ def campaign_send(
     campaign_id: int,
     smtp_url: str,
     concurrency: int,
+    processes: int,
     resend_unknown: bool,
     bounce_threshold: float,
     bounce_sample: int,
@@ -330,6 +340,7 @@ def campaign_send(
         campaign_id,
         smtp_url,
         concurrency=concurrency,
+        processes=processes,
         resend_unknown=resend_unknown,
         progress=not as_json,
         safety=SafetyStop(

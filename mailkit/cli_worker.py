@@ -25,11 +25,12 @@ def _describe_run(run: DueRun) -> str | None:
     if run.result is None:
         return f"{name}: skipped: {run.skipped}"
     r = run.result
-    if not r.attempted and r.status != "finished":
+    started = f"started it (preflight of {r.preflighted:,} recipients); " if r.preflighted else ""
+    if not r.attempted and r.status != "finished" and not started:
         return None  # every due row was claimed by another worker
     o = r.outcomes
     line = (
-        f"{name}: {o.get('sent', 0)} sent, {o.get('bounce', 0)} bounced, "
+        f"{name}: {started}{o.get('sent', 0)} sent, {o.get('bounce', 0)} bounced, "
         f"{o.get('fail', 0)} failed, {o.get('defer', 0)} deferred, "
         f"{o.get('unknown', 0)} unknown — now {r.status}"
     )
@@ -76,11 +77,12 @@ def worker(smtp_url: str, concurrency: int, poll: float, once: bool, as_json: bo
     where = parse_smtp_url(smtp_url).safe_url  # the password left out
 
     def ready() -> None:
-        if not as_json:
-            click.echo(
-                f"worker {socket.gethostname()}:{os.getpid()} sending due campaigns via "
-                f"{where} (concurrency {concurrency}); SIGTERM or Ctrl-C stops it"
-            )
+        # With --json, stdout is the summary alone: the line goes to stderr then.
+        click.echo(
+            f"worker {socket.gethostname()}:{os.getpid()} sending due campaigns via "
+            f"{where} (concurrency {concurrency}); SIGTERM or Ctrl-C stops it",
+            err=as_json,
+        )
 
     def report(runs: Sequence[DueRun]) -> None:
         for run in runs:

@@ -90,6 +90,7 @@ class FaultPlan:
                            and resets the connection; nothing is stored
     ``stall_at_data_end``  recipients whose message is stored but never answered: the client
                            waits for the final reply until it gives up
+    ``data_delay``         seconds every end of DATA waits before its reply (a slow relay)
     """
 
     rcpt_replies: Mapping[str, str] = field(default_factory=dict)
@@ -102,6 +103,7 @@ class FaultPlan:
     rcpt_reply_times: Mapping[str, int] = field(default_factory=dict)
     drop_mid_data: AbstractSet[str] = frozenset()
     stall_at_data_end: AbstractSet[str] = frozenset()
+    data_delay: float = 0.0
 
     def __post_init__(self) -> None:
         # Normalised once here so the server's hot path only does dict lookups.
@@ -122,6 +124,8 @@ class FaultPlan:
                 _check_reply(reply)
         if self.messages_per_connection is not None and self.messages_per_connection < 1:
             raise ConfigError("messages_per_connection must be at least 1")
+        if self.data_delay < 0:
+            raise ConfigError("data_delay must not be negative")
 
     def merged(self, rcpt_replies: Mapping[str, str]) -> FaultPlan:
         """This plan with more RCPT replies (those given here win)."""
@@ -280,6 +284,8 @@ class _Handler:
             ),
             _ACCEPTED,
         )
+        if self.plan.data_delay > 0:
+            await asyncio.sleep(self.plan.data_delay)
         if not reply.startswith("2"):
             return reply
         self.sink._store_message(str(envelope.mail_from or ""), rcpts, envelope.original_content)

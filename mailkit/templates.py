@@ -57,6 +57,7 @@ _CONTACT_FIELDS: Final = ("id", "email", "name", "domain")
 # str.format is run through Jinja's safe formatter, but it is an attribute-walking
 # mini-language of its own; templates format numbers with |number or |format instead.
 _BLOCKED_ATTRS: Final = frozenset({"format", "format_map"})
+_MAX_REMEMBERED_ATTRIBUTES: Final = 4096
 _MAX_REPEAT: Final = 100_000  # longest string/list a template may build with * or **
 # Control characters and line separators: none of them may reach a Subject header.
 _SUBJECT_BREAKS: Final = re.compile(r"[\x00-\x20\x7f\x85\u2028\u2029]+")
@@ -125,10 +126,24 @@ class _MailSandbox(ImmutableSandboxedEnvironment):
         # Jinja would hand out a sandboxed str.format here; we refuse it outright instead.
         return None
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._safe_attributes: dict[tuple[type, str], bool] = {}
+
     def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
-        if isinstance(obj, str) and attr in _BLOCKED_ATTRS:
-            return False
-        return bool(super().is_safe_attribute(obj, attr, value))
+        # Jinja's verdict depends only on the object's type and the attribute name (isinstance
+        # checks and name patterns), and a template asks the same few questions for every
+        # recipient (``loop.index`` 36 times per message in a typical one): remember the answers.
+        key = (type(obj), attr)
+        known = self._safe_attributes.get(key)
+        if known is None:
+            known = not (isinstance(obj, str) and attr in _BLOCKED_ATTRS) and bool(
+                super().is_safe_attribute(obj, attr, value)
+            )
+            if len(self._safe_attributes) >= _MAX_REMEMBERED_ATTRIBUTES:
+                self._safe_attributes.clear()
+            self._safe_attributes[key] = known
+        return known
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "**":

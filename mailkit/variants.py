@@ -1,7 +1,8 @@
 """A/B variants of a campaign: define them, assign them to recipients, roll out the winner.
 
 A variant is a template (and optionally a subject) under a short name such as ``A`` or ``B``.
-Assignment happens once the ledger exists (right after the snapshot) and is reproducible: the
+Assignment happens with the snapshot, in its transaction (``send_campaign`` does both, so a crash
+leaves either neither or both), or later by ``assign_variants``, and is reproducible: the
 recipients, ordered by contact id, are shuffled with ``random.Random(seed)`` and dealt to the
 variants in turn, so the arms differ in size by at most one and the same seed on the same
 ledger gives the same assignment. The seed is recorded in ``campaigns.ab_seed``.
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     Engine,
     bindparam,
     exists,
@@ -158,19 +160,29 @@ def assign_variants(
     ``seed`` and ``fraction`` default to those saved by ``save_ab_test`` (else a fresh random
     seed, and everyone). Both are recorded on the campaign. Only an untouched ledger (every row
     queued, none assigned) can be assigned; held-back rows get the key ``None`` in the result.
+    ``send_campaign`` does this itself, in the snapshot's transaction.
     """
-    variants = load_variants(db, campaign_id)
-    if len(variants) < 2:
+    with db.begin() as conn:
+        return save_assignment(conn, campaign_id, seed=seed, fraction=fraction)
+
+
+def save_assignment(
+    conn: Connection, campaign_id: int, *, seed: int | None = None, fraction: float | None = None
+) -> dict[str | None, int]:
+    """``assign_variants`` inside the caller's transaction (``snapshot_campaign`` runs it in
+    the snapshot's own, so that a ledger never exists without its variants)."""
+    cv, c, m = campaign_variants.c, campaigns.c, messages.c
+    names = list(
+        conn.execute(select(cv.name).where(cv.campaign_id == campaign_id).order_by(cv.id)).scalars()
+    )
+    if len(names) < 2:
         raise CampaignError(
-            f"campaign {campaign_id} has {len(variants)} variant(s): add at least two "
+            f"campaign {campaign_id} has {len(names)} variant(s): add at least two "
             "with add_variant before assigning"
         )
-    with db.connect() as conn:
-        stored = conn.execute(
-            select(campaigns.c.status, campaigns.c.ab_seed, campaigns.c.ab_fraction).where(
-                campaigns.c.id == campaign_id
-            )
-        ).one()
+    stored = conn.execute(
+        select(c.status, c.ab_seed, c.ab_fraction).where(c.id == campaign_id)
+    ).one()
     if stored.status == "draft":
         raise CampaignError(
             f"campaign {campaign_id} has no ledger yet: variants are assigned right after the "
@@ -180,42 +192,37 @@ def assign_variants(
     seed = seed if seed is not None else secrets.randbelow(_MAX_SEED)
     fraction = fraction if fraction is not None else stored.ab_fraction
     _check_fraction(fraction)
-    m = messages.c
-    with db.begin() as conn:
-        touched = conn.execute(
-            select(func.count()).where(
-                m.campaign_id == campaign_id, or_(m.state != "queued", m.variant.is_not(None))
-            )
-        ).scalar_one()
-        if touched:
-            raise CampaignError(
-                f"campaign {campaign_id} has {touched} recipients already assigned or sent: "
-                "variants are assigned once, before sending"
-            )
-        ids = list(
-            conn.execute(
-                select(m.id).where(m.campaign_id == campaign_id).order_by(m.contact_id)
-            ).scalars()
+    touched = conn.execute(
+        select(func.count()).where(
+            m.campaign_id == campaign_id, or_(m.state != "queued", m.variant.is_not(None))
         )
-        random.Random(seed).shuffle(ids)
-        tested = len(ids) if fraction is None else round(len(ids) * fraction)
-        if tested < len(variants):
-            raise CampaignError(
-                f"a test of {tested} of {len(ids)} recipients cannot cover {len(variants)} "
-                "variants: raise the fraction"
-            )
-        names = [v.name for v in variants]
-        rows = [{"row_id": ids[i], "v": names[i % len(names)]} for i in range(tested)]
-        if rows:
-            conn.execute(
-                update(messages).where(m.id == bindparam("row_id")).values(variant=bindparam("v")),
-                rows,
-            )
+    ).scalar_one()
+    if touched:
+        raise CampaignError(
+            f"campaign {campaign_id} has {touched} recipients already assigned or sent: "
+            "variants are assigned once, before sending"
+        )
+    ids = list(
         conn.execute(
-            update(campaigns)
-            .where(campaigns.c.id == campaign_id)
-            .values(ab_seed=seed, ab_fraction=fraction if fraction is not None else None)
+            select(m.id).where(m.campaign_id == campaign_id).order_by(m.contact_id)
+        ).scalars()
+    )
+    random.Random(seed).shuffle(ids)
+    tested = len(ids) if fraction is None else round(len(ids) * fraction)
+    if tested < len(names):
+        raise CampaignError(
+            f"a test of {tested} of {len(ids)} recipients cannot cover {len(names)} "
+            "variants: raise the fraction"
         )
+    rows = [{"row_id": ids[i], "v": names[i % len(names)]} for i in range(tested)]
+    if rows:
+        conn.execute(
+            update(messages).where(m.id == bindparam("row_id")).values(variant=bindparam("v")),
+            rows,
+        )
+    conn.execute(
+        update(campaigns).where(c.id == campaign_id).values(ab_seed=seed, ab_fraction=fraction)
+    )
     counts: dict[str | None, int] = {n: sum(1 for r in rows if r["v"] == n) for n in names}
     if tested < len(ids):
         counts[None] = len(ids) - tested

@@ -499,3 +499,58 @@ def test_dns_record_rejects_bad_names(rsa_key: DKIMKey) -> None:
         render_dns_record(rsa_key, domain="example.com", selector="")
     with pytest.raises(ConfigError):
         render_dns_record(rsa_key, domain="-bad-.com", selector="s")
+
+
+def _varied_bodies() -> list[bytes]:
+    import random
+
+    rng = random.Random(2026)
+    pieces = [b"a", b"B64+/=", b" ", b"  ", b"\t", b" \t ", b"\r\n", "日本語".encode(), b"x" * 80]
+    bodies = [
+        b"",
+        b"\r\n",
+        b"\r\n\r\n\r\n",
+        b" ",
+        b"line with trailing space \r\n",
+        b"no final line break  \t",
+        b"\t\tindented\r\n\r\n \r\n",
+        base64.encodebytes(os.urandom(3000)).replace(b"\n", b"\r\n"),
+        b"word " * 400 + b"\r\n",  # dense: one pass over the whole body
+    ]
+    for _ in range(300):
+        bodies.append(b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 60))))
+    return bodies
+
+
+def test_relaxed_body_shortcut_equals_dkimpy_canonicalisation() -> None:
+    from dkim.canonicalization import Relaxed
+
+    from mailkit.dkim import _relaxed_body
+
+    for body in _varied_bodies():
+        assert _relaxed_body(body) == Relaxed.canonicalize_body(body), body
+
+
+def test_signatures_stay_byte_identical_to_dkimpy_for_varied_bodies(
+    rsa_key: DKIMKey, fixed_time: None
+) -> None:
+    signer = DKIMSigner(domain=DOMAIN, selector=RSA_SELECTOR, rsa_key=rsa_key)
+    pem = rsa_key.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    head = build_campaign_message().split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    for body in _varied_bodies()[:40]:
+        message = head + body
+        signed = signer.sign(message)
+        h_list = re.sub(rb"\s+", b"", signature_tags(signed)[b"h"]).split(b":")
+        pure = dkim.sign(
+            message,
+            RSA_SELECTOR.encode(),
+            DOMAIN.encode(),
+            pem,
+            canonicalize=(b"relaxed", b"relaxed"),
+            include_headers=h_list,
+        )
+        assert signed == pure + message, body

@@ -27,6 +27,7 @@ from sqlalchemy import Engine, select
 from ..campaigns import load_campaign
 from ..storage.schema import campaigns
 from .breakdowns import UNASSIGNED, load_metrics_by_variant
+from .reading import connect_analytics
 
 __all__ = [
     "VariantComparison",
@@ -130,7 +131,7 @@ class VariantComparison:
 def load_ab_metric(db: Engine, campaign_id: int, metric: str | None = None) -> str:
     """``metric`` if given, else the one saved with the campaign's test, else ``click``."""
     if metric is None:
-        with db.connect() as conn:
+        with connect_analytics(db) as conn:
             stored = conn.execute(
                 select(campaigns.c.ab_metric).where(campaigns.c.id == campaign_id)
             ).scalar_one()

@@ -8,17 +8,13 @@ the group ``(none)``.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
-from typing import Any, Literal
 
 import pandas as pd
 from sqlalchemy import (
     ColumnElement,
     Engine,
-    Integer,
     and_,
     case,
-    cast,
     func,
     literal,
     select,
@@ -36,9 +32,12 @@ from ..storage.schema import (
     messages,
 )
 from .metrics import COUNT_COLUMNS, RATE_COLUMNS, add_rates, fetch_metric_frame, load_metrics
+from .reading import connect_analytics
+from .timeline import Unit, load_timeline
 
 __all__ = [
     "CARRIER_DOMAINS",
+    "Unit",
     "build_domain_group",
     "load_link_metrics",
     "load_metrics_by_attribute",
@@ -150,7 +149,7 @@ def load_metrics_by_variant(db: Engine, campaign_id: int) -> pd.DataFrame:
     load_campaign(db, campaign_id)
     key = func.coalesce(messages.c.variant, UNASSIGNED)
     frame = fetch_metric_frame(db, [campaign_id], key, name="variant")
-    with db.connect() as conn:
+    with connect_analytics(db) as conn:
         names = list(
             conn.execute(
                 select(campaign_variants.c.name)
@@ -179,152 +178,50 @@ def load_link_metrics(
     """
     if delivered is None:
         delivered = int(load_metrics(db, campaign_id)["delivered"].iloc[0])
+    return _add_click_rate(_load_link_counts(db, campaign_id), delivered)
+
+
+def _load_link_counts(db: Engine, campaign_id: int) -> pd.DataFrame:
+    """``load_link_metrics`` without ``click_rate``, which needs the delivered count."""
     e, lk = events.c, links.c
-    is_click = and_(e.campaign_id == lk.campaign_id, e.type == "click", e.link_id == lk.id)
-    human = and_(is_click, e.machine.is_(False))
+    human = e.machine.is_(False)
+    # The campaign's clicks per link first (a range of ``ix_events_campaign_type_time``, which
+    # holds link and recipient), then the links: one pass over the clicks, not one per link.
+    per_link = (
+        select(
+            e.link_id,
+            func.sum(case((human, 1), else_=0)).label("clicks"),
+            func.count(func.distinct(case((human, e.message_id)))).label("clickers"),
+            func.sum(case((e.machine.is_(True), 1), else_=0)).label("machine_clicks"),
+        )
+        .where(e.campaign_id == campaign_id, e.type == "click")
+        .group_by(e.link_id)
+        .subquery("per_link")
+    )
+    c = per_link.c
     query = (
         select(
             lk.position,
             lk.url,
-            func.coalesce(func.sum(case((human, 1), else_=0)), 0).label("clicks"),
-            func.count(func.distinct(case((human, e.message_id)))).label("clickers"),
-            func.coalesce(func.sum(case((e.machine.is_(True), 1), else_=0)), 0).label(
-                "machine_clicks"
-            ),
+            func.coalesce(c.clicks, 0).label("clicks"),
+            func.coalesce(c.clickers, 0).label("clickers"),
+            func.coalesce(c.machine_clicks, 0).label("machine_clicks"),
         )
-        .select_from(links.outerjoin(events, is_click))
+        .select_from(links.outerjoin(per_link, c.link_id == lk.id))
         .where(lk.campaign_id == campaign_id)
-        .group_by(lk.id, lk.position, lk.url)
         .order_by(lk.position)
     )
-    with db.connect() as conn:
+    with connect_analytics(db) as conn:
         result = conn.execute(query)
         frame = pd.DataFrame(result.all(), columns=list(result.keys())).set_index("position")
     for column in ("clicks", "clickers", "machine_clicks"):
         frame[column] = frame[column].astype("int64")
     total = frame["clicks"].sum()
     frame["click_share"] = frame["clicks"] / total * 100.0 if total else float("nan")
-    frame["click_rate"] = frame["clickers"] / delivered * 100.0 if delivered else float("nan")
     return frame
 
 
-Unit = Literal["hour", "day"]
-_SECONDS: dict[str, int] = {"hour": 3600, "day": 86400}
-
-
-def _bucket(column: Any, start: datetime, size: int, dialect: str) -> ColumnElement[int]:
-    """SQL: whole ``size``-second periods from ``start`` to ``column`` (0 for earlier ones)."""
-    if dialect == "sqlite":
-        seconds = cast(func.strftime("%s", column), Integer) - int(start.timestamp())
-        periods: ColumnElement[Any] = cast(seconds / size, Integer)
-    else:
-        seconds = func.extract("epoch", column) - start.timestamp()
-        periods = cast(func.floor(seconds / size), Integer)
-    return case((periods < 0, 0), else_=periods)
-
-
-def _reference_time(db: Engine, campaign_id: int) -> datetime | None:
-    campaign = load_campaign(db, campaign_id)
-    if campaign.started_at is not None:
-        return campaign.started_at
-    with db.connect() as conn:
-        first: datetime | None = conn.execute(
-            select(func.min(messages.c.sent_at)).where(messages.c.campaign_id == campaign_id)
-        ).scalar_one()
-    return first
-
-
-def load_timeline(
-    db: Engine, campaign_id: int, *, unit: Unit = "hour", delivered: int | None = None
-) -> pd.DataFrame:
-    """Engagement per hour (or day) since the campaign started sending.
-
-    A row per period ``since`` = 0, 1, ... (its start time in ``start``) up to the last event:
-    ``opens`` / ``machine_opens`` / ``clicks`` / ``machine_clicks`` / ``unsubscribes`` count
-    events; ``new_openers`` and ``new_clickers`` count recipients whose first human open (or
-    click) fell in the period; ``openers``, ``clickers``, ``open_rate`` and ``click_rate`` are
-    cumulative (rates over delivered, as in ``load_metrics``; pass ``delivered`` when it is
-    known already). Empty before anything happened.
-    """
-    if unit not in _SECONDS:
-        raise ValueError(f"unit must be 'hour' or 'day', not {unit!r}")
-    size = _SECONDS[unit]
-    columns = [
-        "start",
-        "opens",
-        "machine_opens",
-        "clicks",
-        "machine_clicks",
-        "unsubscribes",
-        "new_openers",
-        "new_clickers",
-        "openers",
-        "clickers",
-        "open_rate",
-        "click_rate",
-    ]
-    start = _reference_time(db, campaign_id)
-    empty = pd.DataFrame(columns=columns).rename_axis("since")
-    if start is None:
-        return empty
-    dialect = db.dialect.name
-    e = events.c
-    human, machine = e.machine.is_(False), e.machine.is_(True)
-
-    def count(condition: ColumnElement[bool]) -> ColumnElement[int]:
-        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
-
-    bucket = _bucket(e.occurred_at, start, size, dialect).label("since")
-    per_event = (
-        select(
-            bucket,
-            count(and_(e.type == "open", human)).label("opens"),
-            count(and_(e.type == "open", machine)).label("machine_opens"),
-            count(and_(e.type == "click", human)).label("clicks"),
-            count(and_(e.type == "click", machine)).label("machine_clicks"),
-            count(e.type == "unsubscribe").label("unsubscribes"),
-        )
-        .where(e.campaign_id == campaign_id, e.type.in_(("open", "click", "unsubscribe")))
-        .group_by(bucket)
-    )
-    firsts = (
-        select(
-            e.message_id,
-            func.min(e.occurred_at).label("first_open"),
-            func.min(case((e.type == "click", e.occurred_at))).label("first_click"),
-        )
-        .where(e.campaign_id == campaign_id, e.type.in_(("open", "click")), human)
-        .group_by(e.message_id)
-        .subquery()
-    )
-    open_bucket = _bucket(firsts.c.first_open, start, size, dialect).label("open_since")
-    click_bucket = _bucket(firsts.c.first_click, start, size, dialect).label("click_since")
-    with db.connect() as conn:
-        result = conn.execute(per_event)
-        frames = [pd.DataFrame(result.all(), columns=list(result.keys())).set_index("since")]
-        # One pass over the first opens and clicks; clicks without a bucket are None.
-        pairs = pd.DataFrame(
-            conn.execute(
-                select(open_bucket, click_bucket, func.count()).group_by(open_bucket, click_bucket)
-            ).all(),
-            columns=["open_since", "click_since", "n"],
-        )
-    for column, label in (("open_since", "new_openers"), ("click_since", "new_clickers")):
-        counted = pairs.dropna(subset=[column]).groupby(column)["n"].sum()
-        counted.index = counted.index.astype("int64")
-        frames.append(counted.rename(label).to_frame())
-    if all(f.empty for f in frames):
-        return empty
-    last = max(int(f.index.max()) for f in frames if not f.empty)
-    frame = pd.concat(frames, axis=1).reindex(range(last + 1)).fillna(0).astype("int64")
-    frame.index.name = "since"
-    if delivered is None:
-        delivered = int(load_metrics(db, campaign_id)["delivered"].iloc[0])
-    frame["openers"] = frame["new_openers"].cumsum()
-    frame["clickers"] = frame["new_clickers"].cumsum()
-    den = float(delivered) if delivered else float("nan")
-    frame["open_rate"] = frame["openers"] / den * 100.0
-    frame["click_rate"] = frame["clickers"] / den * 100.0
-    frame.insert(0, "start", [start + timedelta(seconds=size * i) for i in frame.index])
-    frame["start"] = pd.to_datetime(frame["start"], utc=True)
-    return frame[columns]
+def _add_click_rate(frame: pd.DataFrame, delivered: int) -> pd.DataFrame:
+    frame = frame.copy()
+    frame["click_rate"] = frame["clickers"] / delivered * 100.0 if delivered else float("nan")
+    return frame

@@ -8,23 +8,45 @@ frames ``load_metrics`` and ``load_metrics_by_*`` return (the tests check they a
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
-from sqlalchemy import ColumnElement, Engine, FromClause, and_, func
+from sqlalchemy import ColumnElement, Engine, FromClause, and_, func, select
 
 from ..storage.schema import contact_attributes, messages
 from .breakdowns import NONE, UNASSIGNED, _collapse_tail, _sorted_frame, build_domain_group
 from .metrics import COUNT_COLUMNS, add_rates, select_metric_counts
+from .reading import connect_analytics, open_reader_pool
 
 __all__ = ["load_metric_cube", "summarise_cube"]
 
 _DERIVED = ("sent", "all_openers")
+# SQLite runs a query on one core: above this many recipients the cube is counted in ledger
+# ranges side by side, one per core (up to four). PostgreSQL plans parallel workers itself.
+_SPLIT_ABOVE = 200_000
+_MAX_PARTS = 4
+
+
+def _split_ledger(db: Engine, campaign_id: int) -> list[tuple[int, int] | None]:
+    """Ledger-row id ranges to count separately (``[None]``: all in one query)."""
+    cores = min(os.cpu_count() or 1, _MAX_PARTS)
+    if db.dialect.name != "sqlite" or cores < 2:
+        return [None]
+    m = messages.c
+    with connect_analytics(db) as conn:
+        low, high, rows = conn.execute(
+            select(func.min(m.id), func.max(m.id), func.count()).where(m.campaign_id == campaign_id)
+        ).one()
+    if rows <= _SPLIT_ABOVE:
+        return [None]
+    step = (high - low) // cores + 1
+    return [(lo, min(lo + step - 1, high)) for lo in range(low, high + 1, step)]
 
 
 def load_metric_cube(db: Engine, campaign_id: int, attributes: Sequence[str] = ()) -> pd.DataFrame:
-    """Counts per cell of (``domain`` carrier-grouped, ``variant``, each attribute), one query.
+    """Counts per cell of (``domain`` carrier-grouped, ``variant``, each attribute), one pass.
 
     Columns: the dimensions, then ``COUNT_COLUMNS``. Missing values are ``(none)``, recipients
     without a variant ``(unassigned)``.
@@ -49,9 +71,22 @@ def load_metric_cube(db: Engine, campaign_id: int, attributes: Sequence[str] = (
         .group_by(*dimensions)
     )
     names = ["domain", "variant", *attributes]
-    with db.connect() as conn:
-        result = conn.execute(query)
-        frame = pd.DataFrame(result.all(), columns=list(result.keys()))
+    parts = _split_ledger(db, campaign_id)
+
+    def count_part(ids: tuple[int, int] | None) -> pd.DataFrame:
+        part = query if ids is None else query.where(messages.c.id.between(*ids))
+        with connect_analytics(db) as conn:
+            result = conn.execute(part)
+            return pd.DataFrame(result.all(), columns=list(result.keys()))
+
+    if len(parts) == 1:
+        frame = count_part(parts[0])
+    else:
+        # Every count is a number of recipients: cells of disjoint ledger ranges add up.
+        with open_reader_pool(db, len(parts)) as pool:
+            pieces = list(pool.map(count_part, parts))
+        keys = [f"attr{i}" for i in range(len(attributes))]
+        frame = pd.concat(pieces).groupby(["domain", "variant", *keys], as_index=False).sum()
     frame = frame.rename(columns={f"attr{i}": key for i, key in enumerate(attributes)})
     counted = [c for c in COUNT_COLUMNS if c not in _DERIVED]
     frame[counted] = frame[counted].fillna(0).astype("int64")

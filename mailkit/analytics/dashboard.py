@@ -17,13 +17,14 @@ from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
-from sqlalchemy import Engine, distinct, func, select
+from sqlalchemy import Engine, func, select
 
 from ..campaigns import load_campaign
-from ..storage.schema import campaigns, contact_attributes, messages, utcnow
+from ..storage.schema import campaigns, messages, utcnow
 from ..variants import load_variants
 from .abtest import VariantComparison, build_variant_comparison, load_ab_metric
-from .breakdowns import Unit, _order_variants, load_link_metrics, load_timeline
+from .attributes import load_attribute_sizes
+from .breakdowns import Unit, _add_click_rate, _load_link_counts, _order_variants
 from .cube import load_metric_cube, summarise_cube
 from .figures import (
     build_funnel_figure,
@@ -34,7 +35,15 @@ from .figures import (
     build_trend_figure,
     build_variant_figure,
 )
-from .metrics import COUNT_COLUMNS, METRIC_DEFINITIONS, RATE_COLUMNS, load_campaign_metrics
+from .metrics import (
+    COUNT_COLUMNS,
+    METRIC_DEFINITIONS,
+    RATE_COLUMNS,
+    fetch_metric_frame,
+    load_campaign_metrics,
+)
+from .reading import connect_analytics, open_reader_pool
+from .timeline import _add_timeline_rates, _load_timeline_counts
 
 __all__ = ["Dashboard", "load_dashboard", "render_dashboard_html", "save_dashboard_html"]
 
@@ -59,15 +68,7 @@ class Dashboard:
 
 def _default_attributes(db: Engine, campaign_id: int, limit: int = 3) -> list[str]:
     """Attributes of the recipients with few enough distinct values to chart, best known first."""
-    ca = contact_attributes.c
-    query = (
-        select(ca.key, func.count(distinct(ca.value)))
-        .join(messages, messages.c.contact_id == ca.contact_id)
-        .where(messages.c.campaign_id == campaign_id)
-        .group_by(ca.key)
-    )
-    with db.connect() as conn:
-        sizes: dict[str, int] = {k: int(n) for k, n in conn.execute(query).all()}
+    sizes = load_attribute_sizes(db, campaign_id, _MAX_GROUPS + 1)
     usable = [k for k, n in sizes.items() if 1 < n <= _MAX_GROUPS and k not in _DIMENSIONS]
     usable.sort(
         key=lambda k: (_PREFERRED_ATTRIBUTES.index(k) if k in _PREFERRED_ATTRIBUTES else 99, k)
@@ -77,7 +78,7 @@ def _default_attributes(db: Engine, campaign_id: int, limit: int = 3) -> list[st
 
 def _recent_campaigns(db: Engine, campaign_id: int, recent: int) -> list[int]:
     c = campaigns.c
-    with db.connect() as conn:
+    with connect_analytics(db) as conn:
         latest = conn.execute(
             select(c.id)
             .order_by(func.coalesce(c.started_at, c.created_at).desc(), c.id.desc())
@@ -105,24 +106,40 @@ def load_dashboard(
     """
     campaign = load_campaign(db, campaign_id)
     keys = attributes if attributes is not None else _default_attributes(db, campaign_id)
-    # One pass over the events for the totals and every breakdown (see ``cube``).
-    cube = load_metric_cube(db, campaign_id, keys)
-    metrics = summarise_cube(cube).set_axis(pd.Index([campaign_id], name="campaign_id"))
-    frames: dict[str, pd.DataFrame] = {"metrics": metrics}
-    delivered = int(metrics["delivered"].iloc[0])
-    frames["timeline"] = load_timeline(db, campaign_id, unit=unit, delivered=delivered)
-    frames["domains"] = summarise_cube(cube, "domain", top=15)
-    for key in keys:
-        frames[f"attribute:{key}"] = summarise_cube(cube, key, top=50)
-    frames["links"] = load_link_metrics(db, campaign_id, delivered=delivered)
-    comparison = None
     variants = [v.name for v in load_variants(db, campaign_id)]
-    if variants:
+    metric = load_ab_metric(db, campaign_id, ab_metric) if variants else None
+    shown = _recent_campaigns(db, campaign_id, recent)
+    others = [i for i in shown if i != campaign_id]
+    # The queries are independent reads (snapshots that take no write lock, see ``reading``):
+    # run them side by side. The totals and every breakdown come from one pass over the
+    # recipients and their engagement summary (see ``cube``).
+    with open_reader_pool(db, 4) as pool:
+        cube_job = pool.submit(load_metric_cube, db, campaign_id, keys)
+        timeline_job = pool.submit(_load_timeline_counts, db, campaign_id, unit)
+        links_job = pool.submit(_load_link_counts, db, campaign_id)
+        others_job = (
+            pool.submit(fetch_metric_frame, db, others, messages.c.campaign_id, name="campaign_id")
+            if others
+            else None
+        )
+        cube = cube_job.result()
+        metrics = summarise_cube(cube).set_axis(pd.Index([campaign_id], name="campaign_id"))
+        delivered = int(metrics["delivered"].iloc[0])
+        frames: dict[str, pd.DataFrame] = {"metrics": metrics}
+        frames["timeline"] = _add_timeline_rates(timeline_job.result(), delivered)
+        frames["domains"] = summarise_cube(cube, "domain", top=15)
+        for key in keys:
+            frames[f"attribute:{key}"] = summarise_cube(cube, key, top=50)
+        frames["links"] = _add_click_rate(links_job.result(), delivered)
+        counted = metrics[list(COUNT_COLUMNS)]
+        if others_job is not None:
+            counted = pd.concat([others_job.result()[list(COUNT_COLUMNS)], counted])
+    comparison = None
+    if variants and metric is not None:
         by_variant = _order_variants(summarise_cube(cube, "variant"), variants)
-        metric = load_ab_metric(db, campaign_id, ab_metric)
         comparison = build_variant_comparison(campaign_id, by_variant, metric)
         frames["variants"] = comparison.table
-    frames["campaigns"] = load_campaign_metrics(db, _recent_campaigns(db, campaign_id, recent))
+    frames["campaigns"] = load_campaign_metrics(db, shown, counted=counted)
 
     figures: dict[str, go.Figure] = {
         "kpi": build_kpi_figure(metrics),

@@ -3,6 +3,9 @@
 Every figure is counted per ledger row (one recipient of one campaign), so "unique" always
 means "distinct recipients". The definitions below are the only ones: the delivery report, the
 breakdowns, the A/B comparison and the dashboards all use the counts of ``select_metric_counts``.
+What happened to each recipient is read from the ``engagement`` summary (one row per ledger row
+with events: its opens, clicks, bounces... by kind), which triggers on ``events`` keep equal to
+a recount of the events (``mailkit.storage.engagement``); the counts are those of the events.
 
 Counts
     recipients       ledger rows: everyone the campaign was snapshotted for.
@@ -48,14 +51,14 @@ from sqlalchemy import (
     Engine,
     FromClause,
     Select,
-    Subquery,
     and_,
     case,
     func,
     select,
 )
 
-from ..storage.schema import PENDING_STATES, campaigns, events, messages
+from ..storage.schema import PENDING_STATES, campaigns, engagement, messages
+from .reading import connect_analytics
 
 __all__ = [
     "COUNT_COLUMNS",
@@ -121,34 +124,27 @@ RATE_COLUMNS = (
 _ENGAGEMENT = ("bounce", "soft_bounce", "open", "click", "unsubscribe", "complaint")
 
 
-def _flag(condition: ColumnElement[bool]) -> ColumnElement[int]:
-    return func.max(case((condition, 1), else_=0))
+def _engagement_flags() -> dict[str, ColumnElement[bool]]:
+    """What happened to each ledger row, from its ``engagement`` summary row (see storage).
 
+    The summary counts each recipient's events by kind; a recipient without a row has none.
+    """
+    g = engagement.c
 
-def _event_flags(campaign_ids: Sequence[int]) -> Subquery:
-    """One row per ledger row with events: 0/1 flags for what happened to it."""
-    e = events.c
-    human, machine = e.machine.is_(False), e.machine.is_(True)
-    return (
-        select(
-            e.message_id.label("message_id"),
-            _flag(e.type == "bounce").label("bounced"),
-            _flag(e.type == "soft_bounce").label("soft_bounced"),
-            _flag(and_(e.type.in_(("open", "click")), human)).label("opened"),
-            _flag(and_(e.type == "open", machine)).label("machine_opened"),
-            _flag(and_(e.type == "click", human)).label("clicked"),
-            _flag(and_(e.type == "click", machine)).label("machine_clicked"),
-            _flag(e.type == "unsubscribe").label("unsubscribed"),
-            _flag(e.type == "complaint").label("complained"),
-        )
-        .where(
-            e.campaign_id.in_(list(campaign_ids)),
-            e.message_id.is_not(None),
-            e.type.in_(_ENGAGEMENT),
-        )
-        .group_by(e.message_id)
-        .subquery("flags")
-    )
+    def happened(count: ColumnElement[int]) -> ColumnElement[bool]:
+        return func.coalesce(count, 0) > 0
+
+    return {
+        "bounced": happened(g.bounces),
+        "soft_bounced": happened(g.soft_bounces),
+        # A human click proves a human open, so either makes an opener.
+        "opened": happened(g.opens + g.clicks),
+        "machine_opened": happened(g.machine_opens),
+        "clicked": happened(g.clicks),
+        "machine_clicked": happened(g.machine_clicks),
+        "unsubscribed": happened(g.unsubscribes),
+        "complained": happened(g.complaints),
+    }
 
 
 def select_metric_counts(
@@ -167,9 +163,8 @@ def select_metric_counts(
     ``all_openers``, which are sums of other columns (added by ``fetch_metric_frame``).
     """
     m = messages.c
-    flags = _event_flags(campaign_ids)
-    f = flags.c
-    bounced = func.coalesce(f.bounced, 0) == 1
+    f = _engagement_flags()
+    bounced = f["bounced"]
     failed = m.state == "failed"
     rejected = and_(failed, m.smtp_code >= 500)
     expired = and_(failed, func.coalesce(m.smtp_code, 0) < 500, bounced)
@@ -177,8 +172,7 @@ def select_metric_counts(
     def total(condition: ColumnElement[bool]) -> ColumnElement[int]:
         return func.coalesce(func.sum(case((condition, 1), else_=0)), 0)
 
-    opened = f.opened == 1
-    clicked = f.clicked == 1
+    opened, clicked = f["opened"], f["clicked"]
     columns: list[ColumnElement[Any]] = [
         func.count().label("recipients"),
         total(m.state.in_(PENDING_STATES)).label("pending"),
@@ -186,16 +180,19 @@ def select_metric_counts(
         total(rejected).label("rejected"),
         total(expired).label("expired"),
         total(and_(bounced, (m.state == "sent") | rejected | expired)).label("hard_bounces"),
-        total(and_(f.soft_bounced == 1, ~bounced)).label("soft_bounces"),
+        total(and_(f["soft_bounced"], ~bounced)).label("soft_bounces"),
         total(and_(m.state == "sent", ~bounced)).label("delivered"),
         total(opened).label("openers"),
-        total(and_(f.machine_opened == 1, ~opened)).label("machine_openers"),
+        total(and_(f["machine_opened"], ~opened)).label("machine_openers"),
         total(clicked).label("clickers"),
-        total(and_(f.machine_clicked == 1, ~clicked)).label("machine_clickers"),
-        total(f.unsubscribed == 1).label("unsubscribes"),
-        total(f.complained == 1).label("complaints"),
+        total(and_(f["machine_clicked"], ~clicked)).label("machine_clickers"),
+        total(f["unsubscribed"]).label("unsubscribes"),
+        total(f["complained"]).label("complaints"),
     ]
-    source = (joined if joined is not None else messages).outerjoin(flags, f.message_id == m.id)
+    g = engagement.c
+    source = (joined if joined is not None else messages).outerjoin(
+        engagement, and_(g.campaign_id == m.campaign_id, g.message_id == m.id)
+    )
     query = select(*([key.label("key")] if key is not None else []), *columns).select_from(source)
     query = query.where(m.campaign_id.in_(list(campaign_ids)))
     if where is not None:
@@ -267,7 +264,7 @@ def fetch_metric_frame(
 ) -> pd.DataFrame:
     """Run ``select_metric_counts`` and return counts and rates, indexed by ``name``."""
     query = select_metric_counts(campaign_ids, key, joined=joined, where=where)
-    with db.connect() as conn:
+    with connect_analytics(db) as conn:
         frame = _frame(conn.execute(query))
     frame = _ordered(add_rates(frame), ["key"] if key is not None else [])
     return frame.set_index("key").rename_axis(name) if key is not None else frame
@@ -284,12 +281,15 @@ def load_metrics(db: Engine, campaign_id: int) -> pd.DataFrame:
     return frame.drop(columns=["name", "status", "started_at"])
 
 
-def load_campaign_metrics(db: Engine, campaign_ids: Sequence[int] | None = None) -> pd.DataFrame:
+def load_campaign_metrics(
+    db: Engine, campaign_ids: Sequence[int] | None = None, *, counted: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Metrics of several campaigns (all when None), a row each, oldest first.
 
     Indexed by ``campaign_id``, with ``name``, ``status`` and ``started_at`` before the
     counts and rates of ``load_metrics``: the frame behind the cross-campaign trend. Drafts
-    are included with zero counts.
+    are included with zero counts. ``counted``: ``COUNT_COLUMNS`` already known for some of
+    the campaigns (indexed by campaign id, e.g. the dashboard's own), not counted again.
     """
     c = campaigns.c
     query = select(c.id, c.name, c.status, c.started_at, c.created_at).order_by(
@@ -297,19 +297,22 @@ def load_campaign_metrics(db: Engine, campaign_ids: Sequence[int] | None = None)
     )
     if campaign_ids is not None:
         query = query.where(c.id.in_(list(campaign_ids)))
-    with db.connect() as conn:
+    with connect_analytics(db) as conn:
         listed = conn.execute(query).all()
     if campaign_ids is not None and len(listed) < len(set(campaign_ids)):
         from ..errors import NotFoundError
 
         missing = sorted(set(campaign_ids) - {row.id for row in listed})
         raise NotFoundError("campaign", missing[0])
-    ids = [row.id for row in listed]
+    known = counted[list(COUNT_COLUMNS)] if counted is not None else None
+    ids = [row.id for row in listed if known is None or row.id not in known.index]
     counts = (
         fetch_metric_frame(db, ids, messages.c.campaign_id, name="campaign_id")
         if ids
         else pd.DataFrame(columns=[*COUNT_COLUMNS, *RATE_COLUMNS, "note"])
     )
+    if known is not None:
+        counts = pd.concat([counts[list(COUNT_COLUMNS)], known]) if ids else known
     info = pd.DataFrame(
         [(r.id, r.name, r.status, r.started_at) for r in listed],
         columns=["campaign_id", "name", "status", "started_at"],

@@ -14,7 +14,8 @@ from typing import Any, Protocol
 
 __all__ = ["Accepted", "AttrRow", "ContactWriter", "Tally", "number_of", "store_chunk"]
 
-Accepted = tuple[int, str, str, str | None, dict[str, str]]  # row, email, domain, name, attrs
+# row, email, domain, name, and the attribute values in the order of the import's keys ("": none)
+Accepted = tuple[int, str, str, str | None, tuple[str, ...]]
 AttrRow = tuple[int, str, str, float | None]  # contact_id, key, value, value_num
 
 _PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
@@ -46,9 +47,18 @@ class ContactWriter(Protocol):
     ``fresh`` is True when the store had no contacts when the import began: nothing can match
     then, so store_chunk skips the look-ups (in-file duplicates are caught before this).
     ``finish`` completes the import's writes (e.g. rebuilds indexes a fresh load dropped).
+
+    ``prepare`` may build a fresh load's writes of a chunk ahead, in the import's reader thread
+    (so without touching the database): ``add_prepared`` then writes them instead of
+    store_chunk. It returns None when the writer has no such path (the chunk is merged by
+    store_chunk).
     """
 
     fresh: bool
+
+    def prepare(self, accepted: list[Accepted], keys: Sequence[str]) -> object | None: ...
+
+    def add_prepared(self, prepared: object, list_id: int | None) -> None: ...
 
     def find_contacts(self, emails: Sequence[str]) -> Iterable[tuple[int, str, str | None]]: ...
 
@@ -70,7 +80,11 @@ class ContactWriter(Protocol):
 
 
 def store_chunk(
-    writer: ContactWriter, accepted: list[Accepted], list_id: int | None, tally: Tally
+    writer: ContactWriter,
+    accepted: list[Accepted],
+    keys: Sequence[str],
+    list_id: int | None,
+    tally: Tally,
 ) -> None:
     """Merge one chunk of accepted rows into the store and count what happened to each.
 
@@ -107,7 +121,9 @@ def store_chunk(
         name, attrs = item[3], item[4]
         changed = name is not None and name != old_name
         old = old_attrs.get(cid, {})
-        for key, value in attrs.items():
+        for key, value in zip(keys, attrs, strict=True):
+            if not value:
+                continue
             before = old.get(key)
             if before is None:
                 attr_new.append((cid, key, value, number_of(value)))
@@ -128,7 +144,9 @@ def store_chunk(
     if new:
         new_ids = writer.add_contacts([(e, n, d) for _, e, d, n, _ in new])
         for cid, (_, _, _, _, attrs) in zip(new_ids, new, strict=True):
-            attr_new.extend((cid, k, v, number_of(v)) for k, v in attrs.items())
+            attr_new.extend(
+                (cid, k, v, number_of(v)) for k, v in zip(keys, attrs, strict=True) if v
+            )
         if list_id is not None:
             joined.extend(new_ids)
         tally.added += len(new)

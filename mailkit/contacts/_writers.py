@@ -17,15 +17,18 @@ costs nothing while the store is empty.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection
 
 from ..errors import ConfigError
 from ..storage.schema import contact_attributes, contacts, list_members
-from ._store import AttrRow, ContactWriter
+from ._store import Accepted, AttrRow, ContactWriter, number_of
 
 __all__ = ["open_writer"]
 
@@ -56,9 +59,62 @@ def _json(rows: Sequence[Any]) -> str:
     return json.dumps(rows, ensure_ascii=False, check_circular=False)
 
 
+# Integers SQLite's CAST turns into exactly the float number_of gives (below 2**53).
+_SMALL_INTEGER = re.compile(r"[+-]?[0-9]{1,15}")
+# How each attribute column of a prepared chunk carries value_num: none of its values is a
+# number, all are small integers (SQLite casts them), or [value, number] pairs.
+_SELECT_COLUMN = {
+    "none": "SELECT ? + key, ?, value, NULL FROM json_each(?) WHERE value <> ''",
+    "cast": "SELECT ? + key, ?, value, CAST(value AS REAL) FROM json_each(?) WHERE value <> ''",
+    "pairs": "SELECT ? + key, ?, json_extract(value, '$[0]'), json_extract(value, '$[1]') "
+    "FROM json_each(?) WHERE value <> ''",
+}
+_COLUMNS_PER_INSERT = 100  # SQLite allows 500 terms in a compound SELECT
+
+
+@lru_cache(maxsize=64)
+def _insert_columns_sql(modes: tuple[str, ...]) -> str:
+    """One INSERT of several attribute columns (one SELECT each, by UNION ALL)."""
+    selects = " UNION ALL ".join(_SELECT_COLUMN[mode] for mode in modes)
+    return "INSERT INTO contact_attributes (contact_id, key, value, value_num) " + selects
+
+
+@dataclass(frozen=True)
+class _FreshChunk:
+    """A chunk of a fresh load as JSON arrays, one element per contact in file order: the
+    contacts ``[email, domain, name]``, and per attribute key its values ("": none), with
+    how value_num comes with them (see _SELECT_COLUMN)."""
+
+    size: int
+    contacts: str
+    columns: tuple[tuple[str, str, str], ...]  # key, value_num mode, JSON array
+
+
+def _prepare_fresh(accepted: list[Accepted], keys: Sequence[str]) -> _FreshChunk:
+    """The chunk's writes by attribute column: SQLite reads plain JSON strings without a
+    json_extract per value, and this Python work runs in the reader thread."""
+    columns = []
+    for key, values in zip(keys, zip(*(item[4] for item in accepted), strict=True), strict=True):
+        # Tested once per distinct value: values repeat a lot (prefectures, ages, ranks).
+        distinct = set(values)
+        distinct.discard("")
+        if not distinct:
+            continue
+        if all(number_of(v) is None for v in distinct):
+            columns.append((key, "none", _json(values)))
+        elif all(_SMALL_INTEGER.fullmatch(v) for v in distinct):
+            columns.append((key, "cast", _json(values)))
+        else:
+            pairs = [(v, number_of(v)) if v else "" for v in values]
+            columns.append((key, "pairs", _json(pairs)))
+    contacts = _json([item[1:4] for item in accepted])
+    return _FreshChunk(len(accepted), contacts, tuple(columns))
+
+
 class _SqliteWriter:
     """Rows travel as one JSON array per statement (``json_each``): SQLite parses and inserts
-    them in C with the GIL released, while the import's reader thread parses the next chunk."""
+    them in C with the GIL released, while the import's reader thread parses the next chunk
+    (and, for a fresh load, also builds those arrays: ``prepare``)."""
 
     def __init__(self, driver: Any, stamp: Any) -> None:
         self.cur = driver.cursor()
@@ -83,10 +139,40 @@ class _SqliteWriter:
                     quoted = name.replace('"', '""')
                     self.cur.execute(f'DROP INDEX "{quoted}"')
                     self.rebuild.append(sql)
+        # The import's transaction holds SQLite's write lock (BEGIN IMMEDIATE, or since its
+        # first write), so nobody else can take ids until it ends.
+        (top,) = self.cur.execute("SELECT coalesce(max(id), 0) FROM contacts").fetchone()
+        self.next_id: int = top + 1
 
     def finish(self) -> None:
         for sql in self.rebuild:
             self.cur.execute(sql)
+
+    def prepare(self, accepted: list[Accepted], keys: Sequence[str]) -> object | None:
+        return _prepare_fresh(accepted, keys) if self.fresh and accepted else None
+
+    def add_prepared(self, prepared: object, list_id: int | None) -> None:
+        assert isinstance(prepared, _FreshChunk)
+        first, self.next_id = self.next_id, self.next_id + prepared.size
+        self.cur.execute(
+            "INSERT INTO contacts (id, email, name, domain, created_at, updated_at) "
+            "SELECT ? + key, json_extract(value, '$[0]'), json_extract(value, '$[2]'), "
+            "json_extract(value, '$[1]'), ?, ? FROM json_each(?)",
+            (first, self.stamp, self.stamp, prepared.contacts),
+        )
+        # One statement for all the columns, not one each: after every statement this
+        # thread waits for the GIL, which the reader thread holds most of the time.
+        for lo in range(0, len(prepared.columns), _COLUMNS_PER_INSERT):
+            group = prepared.columns[lo : lo + _COLUMNS_PER_INSERT]
+            modes = tuple(mode for _, mode, _ in group)
+            params = [param for key, _, values in group for param in (first, key, values)]
+            self.cur.execute(_insert_columns_sql(modes), params)
+        if list_id is not None:
+            self.cur.execute(
+                "INSERT INTO list_members (list_id, contact_id, added_at) "
+                "SELECT ?, ? + key, ? FROM json_each(?)",
+                (list_id, first, self.stamp, "[" + ",".join("0" * prepared.size) + "]"),
+            )
 
     def find_contacts(self, emails: Sequence[str]) -> Iterable[tuple[int, str, str | None]]:
         sql = "SELECT id, email, name FROM contacts WHERE email IN (SELECT value FROM json_each(?))"
@@ -109,16 +195,14 @@ class _SqliteWriter:
         return [cid for (cid,) in self.cur.execute(sql, (list_id, _json(ids)))]
 
     def add_contacts(self, rows: Sequence[tuple[str, str | None, str]]) -> list[int]:
-        # The import's transaction holds SQLite's write lock (BEGIN IMMEDIATE, or since its
-        # first write), so nobody else can take ids between this read and the insert.
-        (top,) = self.cur.execute("SELECT coalesce(max(id), 0) FROM contacts").fetchone()
+        first, self.next_id = self.next_id, self.next_id + len(rows)
         self.cur.execute(
             "INSERT INTO contacts (id, email, name, domain, created_at, updated_at) "
             "SELECT ? + key, json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
             "json_extract(value, '$[2]'), ?, ? FROM json_each(?)",
-            (top + 1, self.stamp, self.stamp, _json(rows)),
+            (first, self.stamp, self.stamp, _json(rows)),
         )
-        return list(range(top + 1, top + 1 + len(rows)))
+        return list(range(first, first + len(rows)))
 
     def add_attributes(self, rows: Sequence[AttrRow]) -> None:
         self.cur.execute(
@@ -185,6 +269,12 @@ class _PostgresWriter:
         for name, definition in indexes:
             self.cur.execute(SQL(f"DROP INDEX {name}"))
             self.rebuild.insert(0, SQL(definition))  # indexes first: the key checks use them
+
+    def prepare(self, accepted: list[Accepted], keys: Sequence[str]) -> object | None:
+        return None  # COPY streams the rows as they are: nothing to build ahead
+
+    def add_prepared(self, prepared: object, list_id: int | None) -> None:
+        raise AssertionError("the PostgreSQL writer prepares nothing")
 
     def finish(self) -> None:
         for statement in self.rebuild:

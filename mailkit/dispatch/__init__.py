@@ -15,10 +15,13 @@ from .pacing import (
 from .pipeline import Tracker, load_dkim_signer
 from .runner import (
     SendResult,
+    Starting,
     pause_campaign,
     resume_campaign,
     send_campaign,
     send_campaign_async,
+    start_campaign,
+    start_campaign_async,
 )
 from .transport import (
     Outcome,
@@ -42,6 +45,7 @@ __all__ = [
     "SMTPTarget",
     "SafetyStop",
     "SendResult",
+    "Starting",
     "SystemClock",
     "Tracker",
     "WorkerSummary",
@@ -59,5 +63,7 @@ __all__ = [
     "send_campaign_async",
     "send_campaign_test",
     "ssl_context_for",
+    "start_campaign",
+    "start_campaign_async",
     "unpaced_rules",
 ]

@@ -66,6 +66,8 @@ class Run:
     relay: str
     batch: int
     max_held: int
+    # Domains another sender of the same campaign handles (``send_campaign(processes=N)``).
+    skip_domains: frozenset[str] = frozenset()
     progress: Any = None
     # Why the run stops early: ``stop_reason`` pauses the campaign (policy refusal, safety
     # stop); ``halt_note`` only ends this run (relay busy, window closed, domains slowed).
@@ -168,7 +170,7 @@ class Run:
             self.batch,
             now=now,
             lease=self.lease,
-            exclude_domains=self._excluded,
+            exclude_domains=self._excluded | self.skip_domains,
         )
         if not rows:
             self._exhausted = True
@@ -332,7 +334,7 @@ class LedgerWriter:
                     break
                 count = len(self._ops)
                 await asyncio.sleep(0)
-            self.flush()
+            await self.flush()
             if self._closed and not self._ops:
                 return
 
@@ -340,15 +342,24 @@ class LedgerWriter:
         self._closed = True
         self._wake.set()
 
-    def flush(self) -> None:
+    async def flush(self) -> None:
         ops, waiters = self._ops, self._waiters
         if not ops:
             return
         self._ops, self._waiters = [], []
         run = self._run
         try:
-            applied = apply_ledger_ops(
-                run.db, run.campaign_id, run.owner, ops, now=run.clock.now(), lease=run.lease
+            # In a thread: the event loop keeps rendering, signing and talking SMTP while the
+            # database commits (or, with several senders on one SQLite file, waits for the
+            # write lock). Workers whose marks are in this group wait for it all the same.
+            applied = await asyncio.to_thread(
+                apply_ledger_ops,
+                run.db,
+                run.campaign_id,
+                run.owner,
+                ops,
+                now=run.clock.now(),
+                lease=run.lease,
             )
         except BaseException as exc:
             run.fail(exc)

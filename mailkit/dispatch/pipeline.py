@@ -170,26 +170,49 @@ def preflight_campaign(
     members: Iterable[Mapping[str, Any]],
     *,
     tracker: Tracker | None = None,
+    processes: int = 1,
 ) -> None:
     """Render every member with every variant's template; PreflightError lists who fails.
 
     Variants are assigned when the ledger is snapshotted, so each member must render with
     each of them. With a tracker, ``unsubscribe_url`` is in the context (a placeholder here).
+    ``processes`` > 1 shares the rendering with that many forked processes in all (POSIX
+    only; elsewhere it renders here); ``members`` is still read in order, by this process.
     """
+    if processes > 1:
+        from .parallel import preflight_in_processes
+
+        failures, checked = preflight_in_processes(content, members, tracker, processes)
+    else:
+        failures, checked = check_members(content, members, tracker)
+    if failures:
+        shown = "; ".join(f"{f.email}: {f.error}" for f in failures[:5])
+        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
+        raise PreflightError(
+            f"{len(failures)} renderings for {checked} recipients fail: {shown}{more}. "
+            "Fix the template or the contacts; nothing was sent.",
+            failures=tuple(failures),
+        )
+
+
+def check_members(
+    content: CampaignContent, members: Iterable[Mapping[str, Any]], tracker: Tracker | None
+) -> tuple[list[PreflightFailure], int]:
+    """Render ``members`` with every variant: the failures, and how many members were checked.
+    A TemplateSecurityError propagates (the template's fault, not a recipient's)."""
     failures: list[PreflightFailure] = []
     checked = 0
+    placeholder = PREVIEW_UNSUBSCRIBE_URL if tracker is not None else None
     for member in members:
         checked += 1
-        context = build_context(
-            member, unsubscribe_url=PREVIEW_UNSUBSCRIBE_URL if tracker is not None else None
-        )
+        context = build_context(member, unsubscribe_url=placeholder)
         for variant, template in content.templates.items():
             error = None
             try:
                 if not template.render(context).subject:
                     error = "the subject renders empty"
             except TemplateSecurityError:
-                raise  # the template's fault, not this recipient's
+                raise
             except TemplateError as exc:
                 error = str(exc)
             if error is not None:
@@ -202,14 +225,7 @@ def preflight_campaign(
                         error=label + error,
                     )
                 )
-    if failures:
-        shown = "; ".join(f"{f.email}: {f.error}" for f in failures[:5])
-        more = f" (and {len(failures) - 5} more)" if len(failures) > 5 else ""
-        raise PreflightError(
-            f"{len(failures)} renderings for {checked} recipients fail: {shown}{more}. "
-            "Fix the template or the contacts; nothing was sent.",
-            failures=tuple(failures),
-        )
+    return failures, checked
 
 
 @dataclass(frozen=True)

@@ -12,22 +12,19 @@ import asyncio
 import contextlib
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, update
 
 from .._aio import run_sync
-from ..campaigns import Campaign, load_campaign, snapshot_campaign
+from ..campaigns import Campaign, load_campaign
 from ..dkim import DKIMSigner
 from ..errors import CampaignError, ConfigError
 from ..scheduling import format_local, load_sending_window
-from ..segments import fetch_members
 from ..storage.schema import campaigns, messages, utcnow
-from ..variants import assign_variants
 from . import _loop
 from .ledger import (
     DEFAULT_LEASE,
@@ -50,23 +47,25 @@ from .pacing import (
     relay_key,
 )
 from .pipeline import (
-    CampaignContent,
     MessageFactory,
     Tracker,
     build_message_factory,
     load_campaign_content,
     load_dkim_signer,
-    preflight_campaign,
 )
+from .starting import assign_variants_once, start_draft
 from .transport import parse_smtp_url
 
 __all__ = [
     "SendResult",
+    "Starting",
     "pause_campaign",
     "prepare_message_factory",
     "resume_campaign",
     "send_campaign",
     "send_campaign_async",
+    "start_campaign",
+    "start_campaign_async",
 ]
 
 
@@ -78,7 +77,9 @@ class SendResult:
     ``bounce`` = hard bounce, ``fail`` = other permanent refusal, ``defer``, ``unknown``);
     ``ledger``: rows per state for the whole campaign; ``recovered_unknown``: rows an earlier
     run left in flight, now ``unknown``; ``note``: why this call stopped before the campaign
-    was done (relay busy, sending window closed, domains slowed down), if it did.
+    was done (relay busy, sending window closed, domains slowed down, another process still
+    starting it), if it did; ``preflighted``: recipients this call rendered in the preflight
+    of a draft it started (0 when another process started it).
     """
 
     campaign_id: int
@@ -89,6 +90,7 @@ class SendResult:
     ledger: dict[str, int]
     recovered_unknown: int
     note: str | None = None
+    preflighted: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +102,7 @@ class SendResult:
             "ledger": dict(self.ledger),
             "recovered_unknown": self.recovered_unknown,
             "note": self.note,
+            "preflighted": self.preflighted,
         }
 
 
@@ -154,39 +157,6 @@ def prepare_message_factory(
     )
 
 
-def _start(
-    db: Engine, campaign: Campaign, factory: MessageFactory, tracker: Tracker | None
-) -> None:
-    members = fetch_members(db, campaign.segment)
-    records = [{str(k): v for k, v in row.items()} for row in members.to_dict("records")]
-    preflight_campaign(factory.content, records, tracker=tracker)
-    try:
-        snapshot_campaign(db, campaign.id)
-    except (CampaignError, IntegrityError):
-        # Another process (an overlapping run-due) started it first: join it.
-        if load_campaign(db, campaign.id).status == "draft":
-            raise
-
-
-def _assign_variants_once(db: Engine, campaign_id: int, content: CampaignContent) -> None:
-    """Deal the A/B variants to the ledger right after the snapshot (or, after a crash in
-    between, on the next run): once, before anything is sent."""
-    if len(content.templates) < 3:  # the campaign's own template plus at least two variants
-        return
-    m = messages.c
-    with db.connect() as conn:
-        touched = conn.execute(
-            select(func.count()).where(
-                m.campaign_id == campaign_id, or_(m.state != "queued", m.variant.is_not(None))
-            )
-        ).scalar_one()
-    if touched:
-        return
-    # A concurrent run may have assigned them first (CampaignError): nothing left to do then.
-    with contextlib.suppress(CampaignError):
-        assign_variants(db, campaign_id)
-
-
 def _reopen_for_unknown(db: Engine, campaign_id: int) -> bool:
     """Put a finished campaign's unknown rows back in the queue and the campaign back to
     sending, in one transaction; False when it had none."""
@@ -205,8 +175,95 @@ def _reopen_for_unknown(db: Engine, campaign_id: int) -> bool:
     return bool(requeued)
 
 
-def send_campaign(db: Engine, campaign_id: int, smtp_url: str, **options: Any) -> SendResult:
-    """Send (or resume) a campaign over SMTP; blocking. See ``send_campaign_async``."""
+@dataclass(frozen=True)
+class Starting:
+    """A campaign made ready to send by ``start_campaign``: started (a draft preflighted and
+    snapshotted, here or by another process), resumed (a paused one) or reopened (a finished
+    one with ``resend_unknown``). ``result`` is set when there is nothing to send now (it is
+    finished, another process is still starting it, it is not ``sending``); ``preflighted``
+    counts the recipients this call rendered in the preflight."""
+
+    campaign: Campaign
+    factory: MessageFactory | None
+    tracking_note: str | None
+    preflighted: int
+    result: SendResult | None = None
+
+
+def start_campaign(db: Engine, campaign_id: int, **options: Any) -> Starting:
+    """Start (or resume) a campaign without sending anything; blocking. See
+    ``start_campaign_async``."""
+    return run_sync(start_campaign_async(db, campaign_id, **options))
+
+
+async def start_campaign_async(
+    db: Engine,
+    campaign_id: int,
+    *,
+    dkim: DKIMSigner | bool = True,
+    tracker: Tracker | bool | None = None,
+    resend_unknown: bool = False,
+    clock: Clock | None = None,
+    max_wait: float = 60.0,
+    stop: asyncio.Event | None = None,
+    processes: int = 1,
+) -> Starting:
+    """The first half of ``send_campaign_async``: the campaign ready to send, its message
+    factory built, or the result to return when there is nothing to send. ``processes`` > 1
+    shares a draft's preflight with forked helpers (see ``preflight_campaign``)."""
+    clock = clock or SystemClock()
+    campaign = load_campaign(db, campaign_id)
+    if campaign.status == "finished":
+        # The operator may still ask for the unknown rows once the rest is done.
+        if not (resend_unknown and _reopen_for_unknown(db, campaign_id)):
+            return Starting(campaign, None, None, 0, _result(db, campaign_id, None, 0))
+        campaign = load_campaign(db, campaign_id)
+    resolved, tracking_note = _resolve_tracker(db, campaign, tracker)
+    factory = prepare_message_factory(db, campaign, dkim=dkim, tracker=resolved)
+    preflighted = 0
+    if campaign.status == "draft":
+        # One process preflights and snapshots; the others wait for it, then join.
+        started = await start_draft(
+            db,
+            campaign,
+            factory.content,
+            resolved,
+            clock=clock,
+            max_wait=max_wait,
+            stop=stop,
+            processes=processes,
+        )
+        preflighted = started.preflighted
+        if started.note is not None:
+            note = _result(db, campaign_id, None, 0, note=started.note)
+            return Starting(campaign, factory, tracking_note, preflighted, note)
+    elif campaign.status == "paused":
+        resume_campaign(db, campaign_id)
+    campaign = load_campaign(db, campaign_id)
+    if campaign.status != "sending":
+        done = _result(db, campaign_id, None, 0, preflighted=preflighted)
+        return Starting(campaign, factory, tracking_note, preflighted, done)
+    assign_variants_once(db, campaign_id, factory.content)
+    return Starting(campaign, factory, tracking_note, preflighted)
+
+
+def send_campaign(
+    db: Engine, campaign_id: int, smtp_url: str, *, processes: int = 1, **options: Any
+) -> SendResult:
+    """Send (or resume) a campaign over SMTP; blocking. See ``send_campaign_async``.
+
+    ``processes`` > 1 starts the campaign here, then sends it from that many forked processes
+    (one core each: rendering and signing are CPU-bound), within the same ``concurrency`` and
+    pacing limits in all; see ``parallel``. It needs POSIX fork, and the shared options only
+    (no ``clock``, ``stop`` or tracker object).
+    """
+    if processes != 1:
+        from .parallel import send_in_processes
+
+        result: SendResult = send_in_processes(
+            db, campaign_id, smtp_url, processes=processes, options=options
+        )
+        return result
     return run_sync(send_campaign_async(db, campaign_id, smtp_url, **options))
 
 
@@ -227,11 +284,14 @@ async def send_campaign_async(
     lease: timedelta = DEFAULT_LEASE,
     max_wait: float = 60.0,
     stop: asyncio.Event | None = None,
+    skip_domains: Collection[str] = (),
 ) -> SendResult:
     """Send every due recipient of a campaign, starting it first if it is a draft.
 
     A draft is preflighted (every member rendered with every variant; PreflightError lists
-    who fails, nothing is sent) and snapshotted into the ledger. A paused campaign resumes.
+    who fails, nothing is sent) and snapshotted into the ledger, its A/B variants assigned in
+    the snapshot's transaction, by one process only (see ``starting``): a call that finds
+    another starting it waits for that, then joins the sending. A paused campaign resumes.
     Rows left ``sending`` by a dead worker become ``unknown`` and are not re-sent unless
     ``resend_unknown``. Deferred rows whose retry time has not come stay deferred: run again
     later (``run-due`` from cron does).
@@ -244,33 +304,34 @@ async def send_campaign_async(
     overrides ``DEFAULT_PACING`` per domain, ``default_pacing`` the rule for other domains;
     ``safety`` the bounce-rate stop; ``clock`` the time source (tests); ``max_wait`` the
     longest this call waits for a slowed-down domain or the relay before leaving those rows
-    to a later run.
+    to a later run, or for another process to finish starting the draft.
 
     SIGTERM and Ctrl-C (in the main thread) end the run cleanly: messages in flight get their
     answer recorded, unsent claims are released, the campaign stays ``sending``. ``stop`` does
     the same when it is set; given one, the caller owns the signals and no handler is
-    installed here (``run_worker`` keeps its own across runs).
+    installed here (``run_worker`` keeps its own across runs). ``skip_domains``: recipient
+    domains this call leaves to other senders (``send_campaign(processes=N)`` deals the paced
+    domains out so that each domain's limits hold).
     """
     if concurrency < 1:
         raise CampaignError("concurrency must be at least 1")
     clock = clock or SystemClock()
     target = parse_smtp_url(smtp_url)
-    campaign = load_campaign(db, campaign_id)
-    if campaign.status == "finished":
-        # The operator may still ask for the unknown rows once the rest is done.
-        if not (resend_unknown and _reopen_for_unknown(db, campaign_id)):
-            return _result(db, campaign_id, None, 0)
-        campaign = load_campaign(db, campaign_id)
-    tracker, tracking_note = _resolve_tracker(db, campaign, tracker)
-    factory = prepare_message_factory(db, campaign, dkim=dkim, tracker=tracker)
-    if campaign.status == "draft":
-        _start(db, campaign, factory, tracker)
-    elif campaign.status == "paused":
-        resume_campaign(db, campaign_id)
-    campaign = load_campaign(db, campaign_id)
-    if campaign.status != "sending":
-        return _result(db, campaign_id, None, 0)
-    _assign_variants_once(db, campaign_id, factory.content)
+    starting = await start_campaign_async(
+        db,
+        campaign_id,
+        dkim=dkim,
+        tracker=tracker,
+        resend_unknown=resend_unknown,
+        clock=clock,
+        max_wait=max_wait,
+        stop=stop,
+    )
+    if starting.result is not None:
+        return starting.result
+    campaign, factory = starting.campaign, starting.factory
+    tracking_note, preflighted = starting.tracking_note, starting.preflighted
+    assert factory is not None
 
     now = clock.now()
     relay = relay_key(target.host, target.port)
@@ -278,14 +339,14 @@ async def send_campaign_async(
     if window is not None and not window.is_open(now):
         opens = format_local(window.next_open(now), window.timezone)
         note = f"outside the sending window {window.describe()}; nothing sent, opens {opens}"
-        return _result(db, campaign_id, None, 0, note=note)
+        return _result(db, campaign_id, None, 0, note=note, preflighted=preflighted)
     slowdowns = load_slowdowns(db)
     busy = slowdowns.get(relay)
     if busy is not None and busy.slow_until is not None and busy.slow_until > now:
         wait = (busy.slow_until - now).total_seconds()
         if wait > max_wait:
             note = f"the relay {target.where} is slowed down until {format_local(busy.slow_until)}"
-            return _result(db, campaign_id, None, 0, note=note)
+            return _result(db, campaign_id, None, 0, note=note, preflighted=preflighted)
         await clock.sleep(wait)
         now = clock.now()
 
@@ -313,6 +374,7 @@ async def send_campaign_async(
         relay=relay,
         batch=max(16, concurrency * 8),
         max_held=max(64, concurrency * 64),
+        skip_domains=frozenset(skip_domains),
     )
     try:
         await _drive(run, concurrency, progress, stop)
@@ -326,7 +388,8 @@ async def send_campaign_async(
     elif run.external_status is None and run.halt_note is None:
         finish_if_done(db, campaign_id, now=clock.now())
     notes = [n for n in (run.halt_note, *run.notes, tracking_note) if n]
-    return _result(db, campaign_id, run, recovered, note="; ".join(notes) if notes else None)
+    joined = "; ".join(notes) if notes else None
+    return _result(db, campaign_id, run, recovered, note=joined, preflighted=preflighted)
 
 
 def _resolve_tracker(
@@ -411,6 +474,7 @@ def _result(
     recovered: int,
     *,
     note: str | None = None,
+    preflighted: int = 0,
 ) -> SendResult:
     campaign = load_campaign(db, campaign_id)
     return SendResult(
@@ -422,4 +486,5 @@ def _result(
         ledger=count_states(db, campaign_id),
         recovered_unknown=recovered,
         note=note,
+        preflighted=preflighted,
     )

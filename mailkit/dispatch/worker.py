@@ -5,8 +5,8 @@ time came, sending campaigns with recipients due) and, after a pass in which it 
 send, sleeps ``poll`` seconds. Any number of workers on any number of machines may run against
 one PostgreSQL workspace: they claim ledger rows with ``FOR UPDATE SKIP LOCKED``, so every
 recipient goes to exactly one of them, and whichever sends a campaign's last row finishes it.
-A draft scheduled for now is started (preflighted and snapshotted) by one of them; the others
-join it.
+A draft scheduled for now is started (preflighted and snapshotted) by one of them, the one that
+claims its start; the others wait for it and join the sending (see ``starting``).
 
 SIGTERM or Ctrl-C (or ``stop``) ends a worker cleanly: messages in flight get their answer
 recorded, unsent claims go back to the ledger for the others, nothing is left ``unknown``. A
@@ -50,7 +50,9 @@ class WorkerSummary:
     ``defer``, ``unknown``, as in ``SendResult``); ``campaigns``: the campaigns it sent to;
     ``finished``: campaigns found finished at the end of a run that sent to them; ``skipped``:
     campaign id → why it was not sent (the latest reason); ``stopped_by``: ``SIGTERM``,
-    ``SIGINT``, ``stop`` (the caller's event) or ``once``.
+    ``SIGINT``, ``stop`` (the caller's event) or ``once``; ``preflights``: campaign id → how
+    many times this worker preflighted it (rendered every recipient before starting it: with
+    several workers, one of them does, once).
     """
 
     passes: int
@@ -60,6 +62,7 @@ class WorkerSummary:
     finished: tuple[int, ...]
     skipped: dict[int, str]
     stopped_by: str
+    preflights: dict[int, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +73,7 @@ class WorkerSummary:
             "finished": list(self.finished),
             "skipped": {str(k): v for k, v in self.skipped.items()},
             "stopped_by": self.stopped_by,
+            "preflights": {str(k): v for k, v in self.preflights.items()},
         }
 
 
@@ -81,6 +85,7 @@ class _Tally:
     campaigns: dict[int, None] = field(default_factory=dict)  # ordered set
     finished: dict[int, None] = field(default_factory=dict)
     skipped: dict[int, str] = field(default_factory=dict)
+    preflights: dict[int, int] = field(default_factory=dict)
     stopped_by: str | None = None
 
     def add(self, runs: Sequence[DueRun]) -> int:
@@ -92,6 +97,8 @@ class _Tally:
                 self.skipped[run.campaign.id] = run.skipped
                 continue
             result = run.result
+            if result.preflighted:
+                self.preflights[run.campaign.id] = self.preflights.get(run.campaign.id, 0) + 1
             started += result.attempted
             if result.attempted:
                 self.campaigns[run.campaign.id] = None
@@ -111,6 +118,7 @@ class _Tally:
             finished=tuple(self.finished),
             skipped=dict(self.skipped),
             stopped_by=self.stopped_by or "stop",
+            preflights=dict(self.preflights),
         )
 
 

@@ -1,6 +1,16 @@
 """Storage: SQLAlchemy Core schema, engine creation (SQLite WAL, PostgreSQL) and migrations."""
 
-from .engine import create_db_engine, migrate_db, open_db, schema_revision
+from .engagement import rebuild_engagement
+from .engine import connect_for_reading, create_db_engine, migrate_db, open_db, schema_revision
 from .schema import metadata, utcnow
 
-__all__ = ["create_db_engine", "metadata", "migrate_db", "open_db", "schema_revision", "utcnow"]
+__all__ = [
+    "connect_for_reading",
+    "create_db_engine",
+    "metadata",
+    "migrate_db",
+    "open_db",
+    "rebuild_engagement",
+    "schema_revision",
+    "utcnow",
+]

@@ -5,14 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, create_engine, event, inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from ..config import load_settings
 from ..errors import ConfigError, StorageError
 
-__all__ = ["create_db_engine", "migrate_db", "open_db", "schema_revision"]
+__all__ = [
+    "connect_for_reading",
+    "create_db_engine",
+    "migrate_db",
+    "open_db",
+    "schema_revision",
+]
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
 
@@ -33,9 +39,29 @@ def create_db_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; take it over so that writes
         # take the lock at BEGIN (IMMEDIATE) and two writers cannot deadlock on upgrade.
-        event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(parsed, pool_pre_ping=True)
+
+
+#: Execution option of connections that only read: on SQLite their transaction is a plain
+#: (deferred) BEGIN, a WAL snapshot that neither takes nor waits for the write lock, so a long
+#: analytics read does not hold up the tracking server's writes (see ``connect_for_reading``).
+READ_ONLY_OPTION = "mailkit_read_only"
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+    conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def connect_for_reading(engine: Engine) -> Connection:
+    """A connection for reads only (use as a context manager, like ``engine.connect()``).
+
+    On SQLite its transaction is a snapshot that does not take the write lock, so several
+    readers, and writers, run side by side; writing through it is an error on SQLite.
+    """
+    return engine.connect().execution_options(**{READ_ONLY_OPTION: True})
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -40,6 +40,7 @@ __all__ = [
     "contact_attributes",
     "contacts",
     "domain_pacing",
+    "engagement",
     "events",
     "inbound_bounces",
     "links",
@@ -185,6 +186,10 @@ campaigns = Table(
     Column("ab_fraction", Float),
     Column("ab_metric", String(20)),
     Column("ab_winner", String(40)),
+    # The claim on starting a draft (preflight + snapshot), so that one process does it: its
+    # owner (``host:pid:nonce``, kept once started as who started it) and its expiry.
+    Column("start_owner", String(64)),
+    Column("start_claim_until", UTCDateTime),
 )
 
 campaign_variants = Table(
@@ -262,13 +267,47 @@ events = Table(
     Column("ip_hash", String(64)),
     # Image proxies, prefetchers and link scanners: flagged, not dropped.
     Column("machine", Boolean, nullable=False, default=False),
-    Index("ix_events_campaign_type", "campaign_id", "type"),
     Index("ix_events_message_type", "message_id", "type"),
     Index("ix_events_campaign_occurred", "campaign_id", "occurred_at"),
-    # Covering index of the analytics queries (per-recipient engagement of a campaign).
+    # Covering index of the analytics that still read events (per-recipient engagement is in
+    # ``engagement``): the timeline counts each (type, machine) per period by range on
+    # ``occurred_at``, the link table reads clicks' ``link_id`` and ``message_id``.
     Index(
-        "ix_events_campaign_message", "campaign_id", "message_id", "type", "machine", "occurred_at"
+        "ix_events_campaign_type_time",
+        "campaign_id",
+        "type",
+        "machine",
+        "occurred_at",
+        "link_id",
+        "message_id",
     ),
+)
+
+engagement = Table(
+    "engagement",
+    metadata,
+    # One row per (campaign, ledger row) with engagement events, maintained by triggers on
+    # ``events`` (see ``storage.engagement``): derived data, so no foreign keys to check on
+    # every tracked open; the triggers remove a row when its events go.
+    Column("campaign_id", Integer, primary_key=True),
+    Column("message_id", Integer, primary_key=True),
+    # Event counts: human and machine opens and clicks, bounces (any kind), soft bounces...
+    Column("opens", Integer, nullable=False),
+    Column("machine_opens", Integer, nullable=False),
+    Column("clicks", Integer, nullable=False),
+    Column("machine_clicks", Integer, nullable=False),
+    Column("bounces", Integer, nullable=False),
+    Column("soft_bounces", Integer, nullable=False),
+    Column("unsubscribes", Integer, nullable=False),
+    Column("complaints", Integer, nullable=False),
+    # The first human open or click (a click proves an open), and the first human click.
+    Column("first_open_at", UTCDateTime),
+    Column("first_click_at", UTCDateTime),
+    # The timeline counts first opens and clicks per period by range over these.
+    Index("ix_engagement_first_open", "campaign_id", "first_open_at"),
+    Index("ix_engagement_first_click", "campaign_id", "first_click_at"),
+    # SQLite: the rows live in the primary key's B-tree, one lookup per ledger row.
+    sqlite_with_rowid=False,
 )
 
 domain_pacing = Table(
