@@ -229,6 +229,24 @@ def test_lf_line_endings_are_kept(signer: DKIMSigner) -> None:
     assert dkim.verify(signed, dnsfunc=dns_for(*signer.render_dns_records()))
 
 
+def dkimpy_rsa_signature(message: bytes, rsa_key: DKIMKey, h_list: list[bytes]) -> bytes:
+    """dkimpy's own (pure-Python) relaxed/relaxed RSA signature header of ``message``."""
+    pem = rsa_key.private_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+    header: bytes = dkim.sign(
+        message,
+        RSA_SELECTOR.encode(),
+        DOMAIN.encode(),
+        pem,
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=h_list,
+    )
+    return header
+
+
 def test_native_signature_is_byte_identical_to_dkimpy(
     signer: DKIMSigner, rsa_key: DKIMKey, ed_key: DKIMKey, fixed_time: None
 ) -> None:
@@ -237,23 +255,11 @@ def test_native_signature_is_byte_identical_to_dkimpy(
     h_list = [
         h for h in re.sub(rb"\s+", b"", signature_tags(signed)[b"h"]).split(b":")
     ]  # same header selection, computed independently of our subclass below
-    pem = rsa_key.private_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
     seed = ed_key.private_key.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
 
-    pure_rsa = dkim.sign(
-        message,
-        RSA_SELECTOR.encode(),
-        DOMAIN.encode(),
-        pem,
-        canonicalize=(b"relaxed", b"relaxed"),
-        include_headers=h_list,
-    )
+    pure_rsa = dkimpy_rsa_signature(message, rsa_key, h_list)
     pure_ed = dkim.sign(
         message,
         ED_SELECTOR.encode(),
@@ -535,22 +541,9 @@ def test_signatures_stay_byte_identical_to_dkimpy_for_varied_bodies(
     rsa_key: DKIMKey, fixed_time: None
 ) -> None:
     signer = DKIMSigner(domain=DOMAIN, selector=RSA_SELECTOR, rsa_key=rsa_key)
-    pem = rsa_key.private_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
     head = build_campaign_message().split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
     for body in _varied_bodies()[:40]:
         message = head + body
         signed = signer.sign(message)
         h_list = re.sub(rb"\s+", b"", signature_tags(signed)[b"h"]).split(b":")
-        pure = dkim.sign(
-            message,
-            RSA_SELECTOR.encode(),
-            DOMAIN.encode(),
-            pem,
-            canonicalize=(b"relaxed", b"relaxed"),
-            include_headers=h_list,
-        )
-        assert signed == pure + message, body
+        assert signed == dkimpy_rsa_signature(message, rsa_key, h_list) + message, body

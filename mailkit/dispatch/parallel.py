@@ -150,10 +150,8 @@ def send_in_processes(
         requeue_unknown(db, campaign_id)
     # No pooled connection may cross the fork: each sender opens its own.
     db.dispose()
-    context = multiprocessing.get_context("fork")
     children: list[tuple[Any, Connection]] = []
-    for share in shares:
-        receive, send = context.Pipe(duplex=False)
+    for k, share in enumerate(shares):
         child_options = {
             **options,
             "concurrency": share.concurrency,
@@ -161,15 +159,9 @@ def send_in_processes(
             "default_pacing": share.default,
             "skip_domains": share.elsewhere,
         }
-        process = context.Process(
-            target=_sender,
-            args=(send, db, campaign_id, smtp_url, child_options),
-            name=f"mailkit-sender-{len(children) + 1}",
-            daemon=True,
+        children.append(
+            _fork(f"mailkit-sender-{k + 1}", _sender, db, campaign_id, smtp_url, child_options)
         )
-        process.start()
-        send.close()
-        children.append((process, receive))
     results: list[Any] = []
     errors: list[BaseException] = []
     with _forward_signals([p for p, _ in children]), _progress(db, campaign_id, progress) as show:
@@ -195,6 +187,18 @@ def send_in_processes(
     if errors:
         raise errors[0]
     return _merge(db, campaign_id, results, started.preflighted, recovered, SendResult)
+
+
+def _fork(name: str, target: Any, *args: Any) -> tuple[Any, Connection]:
+    """Fork a daemon process running ``target(its_end_of_a_pipe, *args)``; return the process
+    and this end of the pipe."""
+    here, there = multiprocessing.Pipe()
+    process = multiprocessing.get_context("fork").Process(
+        target=target, args=(there, *args), name=name, daemon=True
+    )
+    process.start()
+    there.close()
+    return process, here
 
 
 def _sender(
@@ -344,19 +348,10 @@ def preflight_in_processes(
 
     if processes < 2 or "fork" not in multiprocessing.get_all_start_methods():
         return check_members(content, members, tracker)
-    context = multiprocessing.get_context("fork")
-    helpers: list[tuple[Any, Connection]] = []
-    for k in range(processes - 1):
-        here, there = context.Pipe()
-        process = context.Process(
-            target=_preflight_helper,
-            args=(there, content, tracker),
-            name=f"mailkit-preflight-{k + 1}",
-            daemon=True,
-        )
-        process.start()
-        there.close()
-        helpers.append((process, here))
+    helpers = [
+        _fork(f"mailkit-preflight-{k + 1}", _preflight_helper, content, tracker)
+        for k in range(processes - 1)
+    ]
     failures: list[Any] = []
     checked = 0
     try:
