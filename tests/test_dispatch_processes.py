@@ -222,3 +222,20 @@ def test_senders_stop_cleanly_when_the_caller_is_killed_outright(
         states = assert_exactly_once(setup, campaign_id, sink)
     assert result.status == "finished" and set(states.values()) == {"sent"}
     setup.dispose()
+
+
+def test_resend_unknown_reopens_a_finished_campaign_across_processes(db: Engine) -> None:
+    emails = addresses(40)
+    campaign_id = make_campaign(db, emails)
+    # The sink stores these two, then hangs up without a reply: their outcome is unknown.
+    lost = {emails[3], emails[30]}
+    with Sink(faults=FaultPlan(drop_after_data=lost)) as first:
+        done = send_campaign(db, campaign_id, first.url, concurrency=4, processes=2)
+    assert done.status == "finished" and done.ledger["unknown"] == 2
+    with Sink() as second:
+        again = send_campaign(
+            db, campaign_id, second.url, concurrency=4, processes=2, resend_unknown=True
+        )
+        assert sorted(e.rcpt_tos[0] for e in second.envelopes()) == sorted(lost)
+    assert again.status == "finished" and again.ledger["sent"] == 40
+    assert again.outcomes["sent"] == 2

@@ -36,13 +36,16 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 
 from ..errors import CampaignError, ConfigError
 from .ledger import count_states
 from .pacing import DEFAULT_PACING, DEFAULT_RULE, PacingRule
+
+if TYPE_CHECKING:
+    from .runner import SendResult
 
 __all__ = ["SenderShare", "build_shares", "preflight_in_processes", "send_in_processes"]
 
@@ -109,10 +112,10 @@ def send_in_processes(
     *,
     processes: int,
     options: dict[str, Any],
-) -> Any:
+) -> SendResult:
     """``send_campaign(processes=N)``: start here, fork the senders, merge their results."""
     from .ledger import recover_stale_rows, requeue_unknown
-    from .runner import SendResult, start_campaign
+    from .runner import start_campaign
 
     if "fork" not in multiprocessing.get_all_start_methods():
         raise ConfigError(
@@ -135,18 +138,20 @@ def send_in_processes(
         options.pop("pacing", None),
         options.pop("default_pacing", None),
     )
+    resend_unknown = bool(options.pop("resend_unknown", False))
     started = start_campaign(
         db,
         campaign_id,
         dkim=options.get("dkim", True),
         tracker=tracker,
+        resend_unknown=resend_unknown,  # a finished campaign is reopened for its unknown rows
         max_wait=options.get("max_wait", 60.0),
         processes=len(shares),
     )
     if started.result is not None:  # nothing to send (finished, being started elsewhere...)
         return started.result
     recovered = recover_stale_rows(db, campaign_id)
-    if options.pop("resend_unknown", False):
+    if resend_unknown:
         requeue_unknown(db, campaign_id)
     # No pooled connection may cross the fork: each sender opens its own.
     db.dispose()
@@ -186,7 +191,7 @@ def send_in_processes(
             show()
     if errors:
         raise errors[0]
-    return _merge(db, campaign_id, results, started.preflighted, recovered, SendResult)
+    return _merge(db, campaign_id, results, started.preflighted, recovered)
 
 
 def _fork(name: str, target: Any, *args: Any) -> tuple[Any, Connection]:
@@ -308,9 +313,9 @@ def _merge(
     results: list[Any],
     preflighted: int,
     recovered: int,
-    result_type: Any,
-) -> Any:
+) -> SendResult:
     from ..campaigns import load_campaign
+    from .runner import SendResult
 
     campaign = load_campaign(db, campaign_id)
     outcomes: dict[str, int] = {}
@@ -318,7 +323,7 @@ def _merge(
         for kind, n in result.outcomes.items():
             outcomes[kind] = outcomes.get(kind, 0) + n
     notes = list(dict.fromkeys(r.note for r in results if r.note))
-    return result_type(
+    return SendResult(
         campaign_id=campaign_id,
         status=campaign.status,
         status_reason=campaign.status_reason,

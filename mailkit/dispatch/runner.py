@@ -260,10 +260,7 @@ def send_campaign(
     if processes != 1:
         from .parallel import send_in_processes
 
-        result: SendResult = send_in_processes(
-            db, campaign_id, smtp_url, processes=processes, options=options
-        )
-        return result
+        return send_in_processes(db, campaign_id, smtp_url, processes=processes, options=options)
     return run_sync(send_campaign_async(db, campaign_id, smtp_url, **options))
 
 
