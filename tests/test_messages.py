@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import email
+import os
 from datetime import UTC, datetime, timedelta, timezone
 from email import policy
 from email.message import EmailMessage
@@ -133,6 +134,27 @@ def test_message_ids_are_unique_and_use_the_from_domain() -> None:
     built = {m["Message-ID"] for m in msgs}
     assert len(built) == 20
     assert all(i.endswith("@mail.example.jp>") for i in built)
+
+
+def test_forked_senders_make_different_message_ids() -> None:
+    # campaign send --processes forks its senders from one parent: each must draw its own.
+    read, write = os.pipe()
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.close(read)
+            os.write(write, (" ".join(make_message_id("x.jp") for _ in range(50)) + "\n").encode())
+            os._exit(0)
+        children.append(pid)
+    os.close(write)
+    for pid in children:
+        os.waitpid(pid, 0)
+    with os.fdopen(read) as lines:
+        drawn = [set(line.split()) for line in lines]
+    mine = {make_message_id("x.jp") for _ in range(50)}
+    assert len(drawn) == 2 and all(len(ids) == 50 for ids in drawn)
+    assert not (drawn[0] & drawn[1]) and not (mine & (drawn[0] | drawn[1]))
 
 
 def test_given_message_id_and_date_are_used() -> None:

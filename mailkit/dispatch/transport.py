@@ -28,6 +28,7 @@ import re
 import socket
 import ssl
 from dataclasses import dataclass, field
+from email.utils import parseaddr
 from types import TracebackType
 from typing import Literal
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -45,6 +46,7 @@ from aiosmtplib import (
 )
 
 from ..errors import ConfigError, SMTPDeliveryError
+from ._wire import Wire
 
 __all__ = [
     "Outcome",
@@ -74,6 +76,8 @@ _SCHEMES: dict[str, tuple[Security, int]] = {
 _URL_EXAMPLE = "smtp+starttls://user:password@mail.example.com:587?timeout=30"
 _ENHANCED = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
 _AUTH_CODES = frozenset({530, 534, 535, 538})
+# asyncio's write-buffer high-water mark: a write up to it never waits for the server.
+_HOLD_BACK_ABOVE = 64 * 1024
 _ADDRESS_CODES = frozenset({550, 551, 553})
 
 
@@ -286,17 +290,6 @@ class _TransientConnectError(Exception):
     """Connecting failed in a way that may pass (timeout, 4xx greeting, dropped)."""
 
 
-async def _drained(protocol: object) -> None:
-    """Wait until the transport took the written data (aiosmtplib's flow control); raises
-    ConnectionResetError when the connection is lost meanwhile."""
-    drain = getattr(protocol, "_drain_helper", None)
-    if drain is not None:
-        await drain()
-    transport = getattr(protocol, "transport", None)
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("the server closed the connection during the data")
-
-
 def _wire_body(message: bytes) -> bytes:
     """CRLF line endings, dot-stuffing, and the terminating ``.`` line (RFC 5321 4.5.2)."""
     crlf = message.count(b"\r\n")
@@ -329,13 +322,21 @@ class SMTPConnection:
         self.target = parse_smtp_url(target) if isinstance(target, str) else target
         self._ssl_context = ssl_context
         self._local_hostname = local_hostname
+        # aiosmtplib opens the session; then the mail transactions run on our Wire.
         self._smtp: aiosmtplib.SMTP | None = None
+        self._wire: Wire | None = None
+        self._extensions: frozenset[str] = frozenset()
         self._lock = asyncio.Lock()
 
     @property
     def is_open(self) -> bool:
         """Whether the connection is (as far as we know) open."""
-        return self._smtp is not None and self._smtp.is_connected
+        return self._wire is not None and self._wire.is_open
+
+    @property
+    def pipelining(self) -> bool:
+        """Whether the open session sends MAIL, RCPT and DATA together (server offers it)."""
+        return "pipelining" in self._extensions
 
     async def __aenter__(self) -> SMTPConnection:
         await self.open()
@@ -370,16 +371,19 @@ class SMTPConnection:
 
     async def close(self) -> None:
         """Say QUIT (best effort) and close."""
-        smtp, self._smtp = self._smtp, None
-        if smtp is None:
-            return
+        wire, smtp = self._wire, self._smtp
+        self._wire = self._smtp = None
         try:
-            if smtp.is_connected:
-                await smtp.quit()
-        except SMTPException:
+            if wire is not None and wire.is_open:
+                wire.write(b"QUIT\r\n")
+                await wire.read_reply(self.target.timeout)
+        except (SMTPException, OSError):
             pass  # the server is gone or rude; we are leaving anyway
         finally:
-            smtp.close()
+            if wire is not None:
+                wire.close()
+            if smtp is not None:
+                smtp.close()
 
     async def send(self, sender: str, recipient: str, message: bytes) -> Outcome:
         """Send ``message`` to one recipient and say what happened.
@@ -396,7 +400,7 @@ class SMTPConnection:
                 lost = await self._connect_for_send()
                 if lost is not None:
                     return lost
-            outcome, retry = await self._mail_from(sender, recipient, message)
+            outcome, retry = await self._envelope(sender, recipient, message)
             if retry and reused:
                 # The server closed the idle connection (timeout, 421): nothing of this message
                 # was taken yet, so one fresh connection is safe.
@@ -404,17 +408,19 @@ class SMTPConnection:
                 lost = await self._connect_for_send()
                 if lost is not None:
                     return lost
-                outcome, _ = await self._mail_from(sender, recipient, message)
+                outcome, _ = await self._envelope(sender, recipient, message)
             if outcome is not None:
                 return outcome
-            return await self._rcpt_and_data(recipient, message)
+            return await self._data(message)
 
     # -- internals -----------------------------------------------------------------------
 
     def _drop(self) -> None:
+        if self._wire is not None:
+            self._wire.abort()
         if self._smtp is not None:
             self._smtp.close()
-        self._smtp = None
+        self._wire = self._smtp = None
 
     async def _connect_for_send(self) -> Outcome | None:
         try:
@@ -427,7 +433,7 @@ class SMTPConnection:
         return SMTPDeliveryError(f"{self.target.safe_url}: {message}", url=self.target.safe_url)
 
     async def _connect(self) -> None:
-        """Open ``self._smtp``; raises SMTPDeliveryError, or _TransientConnectError."""
+        """Open the session; raises SMTPDeliveryError, or _TransientConnectError."""
         target = self.target
         context = None
         if target.security != "none":
@@ -466,7 +472,13 @@ class SMTPConnection:
         except (SMTPException, ssl.SSLError, OSError) as exc:
             smtp.close()
             raise self._translate_connect_error(exc) from exc
+        transport = smtp.transport
+        if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+            smtp.close()
+            raise _TransientConnectError(f"{target.where} closed the connection after login")
         self._smtp = smtp
+        self._extensions = frozenset(smtp.esmtp_extensions)
+        self._wire = Wire(transport)
 
     @staticmethod
     async def _ehlo(smtp: aiosmtplib.SMTP) -> None:
@@ -527,22 +539,28 @@ class SMTPConnection:
             return _TransientConnectError(f"{where} closed the connection before greeting")
         return self._fail(f"cannot use {where}: {exc}")
 
-    async def _mail_from(
+    async def _envelope(
         self, sender: str, recipient: str, message: bytes
     ) -> tuple[Outcome | None, bool]:
-        """MAIL FROM; (None, False) when accepted, else (outcome, whether a reconnect may help)."""
-        smtp = self._smtp
-        assert smtp is not None
-        options: list[str] = []
+        """MAIL FROM, RCPT TO and DATA, in one write when the server offers PIPELINING.
+
+        (None, False) when the server is ready for the data (354); else the outcome and
+        whether a fresh connection may help (the server dropped or 421'd before taking any of
+        it, as an idle connection's server does).
+        """
+        wire = self._wire
+        assert wire is not None
+        extensions = self._extensions
+        options: list[bytes] = []
         utf8 = not (sender.isascii() and recipient.isascii())
         if utf8:
-            if not smtp.supports_extension("smtputf8"):
+            if "smtputf8" not in extensions:
                 return Outcome(
                     "fail", None, "non-ASCII address but the server lacks SMTPUTF8", "mail"
                 ), False
-            options.append("SMTPUTF8")
+            options.append(b" SMTPUTF8")
         if not message.isascii():
-            if not smtp.supports_extension("8bitmime"):
+            if "8bitmime" not in extensions:
                 return Outcome(
                     "fail",
                     None,
@@ -550,65 +568,86 @@ class SMTPConnection:
                     "build the message with 7-bit transfer encodings",
                     "mail",
                 ), False
-            options.append("BODY=8BITMIME")
-        if smtp.supports_extension("size"):
-            options.append(f"SIZE={len(message)}")
+            options.append(b" BODY=8BITMIME")
+        if "size" in extensions:
+            options.append(b" SIZE=%d" % len(message))
+        encoding = "utf-8" if utf8 else "ascii"
+        commands: tuple[tuple[bytes, Stage], ...] = (
+            (b"MAIL FROM:" + _path(sender, encoding) + b"".join(options) + b"\r\n", "mail"),
+            (b"RCPT TO:" + _path(recipient, encoding) + b"\r\n", "rcpt"),
+            (b"DATA\r\n", "data"),
+        )
+        pipelined = "pipelining" in extensions
+        timeout = self.target.timeout
         try:
-            await smtp.mail(sender, options=options, encoding="utf-8" if utf8 else "ascii")
-        except SMTPResponseException as exc:
-            outcome = classify_reply(exc.code, exc.message, "mail")
-            if exc.code == 421:
-                self._drop()
-                return outcome, True
-            await self._reset()
-            return outcome, False
-        except (SMTPServerDisconnected, SMTPTimeoutError) as exc:
+            if pipelined:
+                wire.write(b"".join(command for command, _ in commands))
+        except SMTPException as exc:
             self._drop()
             return _lost("mail", exc), True
+        for index, (command, stage) in enumerate(commands):
+            try:
+                if not pipelined:
+                    wire.write(command)
+                reply = await wire.read_reply(timeout)
+            except (SMTPException, OSError) as exc:
+                self._drop()
+                return _lost(stage, exc), stage == "mail"
+            if reply.code == (354 if stage == "data" else 250) or (
+                stage != "data" and 200 <= reply.code < 300
+            ):
+                continue
+            outcome = classify_reply(reply.code, reply.message, stage)
+            if reply.code == 421:
+                self._drop()
+                return outcome, stage == "mail"
+            await self._abandon(len(commands) - index - 1 if pipelined else 0)
+            return outcome, False
         return None, False
 
-    async def _rcpt_and_data(self, recipient: str, message: bytes) -> Outcome:
-        smtp = self._smtp
-        assert smtp is not None
-        encoding = "ascii" if recipient.isascii() else "utf-8"
+    async def _abandon(self, pending: int) -> None:
+        """End a refused transaction so the connection can carry the next message: take the
+        replies of the commands still in flight, close a DATA the server accepted anyway with
+        an empty message (RFC 2920 3.1; it has no recipients), then RSET."""
+        wire = self._wire
+        assert wire is not None
+        timeout = self.target.timeout
         try:
-            await smtp.rcpt(recipient, encoding=encoding)
-        except SMTPResponseException as exc:
-            await self._reset()
-            return classify_reply(exc.code, exc.message, "rcpt")
-        except (SMTPServerDisconnected, SMTPTimeoutError) as exc:
-            self._drop()
-            return _lost("rcpt", exc)
+            for _ in range(pending):
+                reply = await wire.read_reply(timeout)
+                if reply.code == 354:
+                    wire.write(b".\r\n")
+                    await wire.read_reply(timeout)
+            wire.write(b"RSET\r\n")
+            if (await wire.read_reply(timeout)).code // 100 == 2:
+                return
+        except (SMTPException, OSError):
+            pass
+        self._drop()
 
-        try:
-            reply = await smtp.execute_command(b"DATA")
-        except (SMTPServerDisconnected, SMTPTimeoutError) as exc:
-            self._drop()
-            return _lost("data", exc)
-        if reply.code != 354:
-            await self._reset()
-            return classify_reply(reply.code, reply.message, "data")
-
+    async def _data(self, message: bytes) -> Outcome:
+        """The message after the server's 354, and its final reply."""
+        wire = self._wire
+        assert wire is not None
         # From here on the server may have the whole message: anything but a reply is
-        # "unknown", never "defer". aiosmtplib's data() cannot tell the DATA command's reply
-        # from the final one, hence the protocol-level write/read.
-        protocol = smtp.protocol
-        if protocol is None:
-            self._drop()
-            return _lost("data", SMTPServerDisconnected("connection lost"))
+        # "unknown", never "defer".
         body = _wire_body(message)
         try:
-            # The final "." is held back until the rest has left our buffers: a server that
-            # dropped the connection mid-data then provably never saw the end of the message,
-            # so the message is retried rather than left unknown.
-            protocol.write(body[:-3])
-            await _drained(protocol)
+            # A large message's final "." is held back until the rest has left our buffers: a
+            # server that dropped the connection mid-data then provably never saw the end of
+            # it, so the message is retried rather than left unknown. A small one goes in one
+            # write; holding its dot back would only cost a system call, as the transport
+            # takes it whole without a turn of the event loop in between.
+            if len(body) > _HOLD_BACK_ABOVE:
+                wire.write(body[:-3])
+                await wire.drain()
+                body = body[-3:]
         except (SMTPException, OSError) as exc:
             self._drop()
             return _lost("data", exc)
         try:
-            protocol.write(body[-3:])
-            final = await protocol.read_response(timeout=self.target.data_timeout)
+            wire.write(body)
+            final = await wire.read_reply(self.target.data_timeout)
         except (SMTPException, OSError) as exc:
             self._drop()
             return _lost("data_end", exc)
@@ -617,13 +656,9 @@ class SMTPConnection:
             self._drop()
         return outcome
 
-    async def _reset(self) -> None:
-        """RSET after a refused transaction, so the connection can carry the next message."""
-        smtp = self._smtp
-        if smtp is None or not smtp.is_connected:
-            self._drop()
-            return
-        try:
-            await smtp.rset()
-        except SMTPException:
-            self._drop()
+
+def _path(address: str, encoding: str) -> bytes:
+    """``<address>`` for MAIL FROM / RCPT TO (a display-name form is reduced to the address)."""
+    if "<" in address or " " in address:
+        address = parseaddr(address)[1] or address
+    return b"<" + address.encode(encoding) + b">"
