@@ -89,12 +89,14 @@ class Scripted:
     ``byte_by_byte``  send every reply one byte per write, with a loop turn in between
     ``data_anyway``   answer DATA with 354 even when no recipient was accepted
     ``garbage``       answer MAIL with a line that is no SMTP reply
+    ``data_250``      answer DATA with 250 instead of 354 (and take no data)
     """
 
     batch: bool = False
     byte_by_byte: bool = False
     data_anyway: bool = False
     garbage: bool = False
+    data_250: bool = False
     commands: list[str] = field(default_factory=list)
     delivered: list[tuple[str, bytes]] = field(default_factory=list)
     sessions: list[asyncio.Task[None]] = field(default_factory=list)
@@ -144,6 +146,9 @@ class Scripted:
                         rcpts.append(address)
                         await answer("250 2.1.5 OK", hold=True)
                 elif verb == "DATA":
+                    if self.data_250:
+                        await answer("250 2.0.0 OK")
+                        continue
                     if not rcpts and not self.data_anyway:
                         await answer("554 5.5.1 no valid recipients")
                         continue
@@ -212,3 +217,10 @@ def test_garbage_instead_of_a_reply_defers_and_does_not_hang() -> None:
     outcomes = asyncio.run(run_scripted(Scripted(garbage=True), ["a@example.com"]))
     assert [(o.kind, o.stage) for o in outcomes] == [("defer", "mail")]
     assert "malformed SMTP reply" in outcomes[0].reply
+
+
+def test_a_250_to_data_is_not_taken_for_a_delivery() -> None:
+    server = Scripted(data_250=True)
+    outcomes = asyncio.run(run_scripted(server, ["a@example.com"]))
+    assert [(o.kind, o.code, o.stage) for o in outcomes] == [("defer", 250, "data")]
+    assert server.delivered == [] and "RSET" in server.commands

@@ -598,6 +598,8 @@ class SMTPConnection:
             ):
                 continue
             outcome = classify_reply(reply.code, reply.message, stage)
+            if outcome.kind == "sent":  # a 2xx to DATA: the server is confused, nothing was taken
+                outcome = Outcome("defer", reply.code, f"{outcome.reply} (DATA needs 354)", stage)
             if reply.code == 421:
                 self._drop()
                 return outcome, stage == "mail"
