@@ -33,6 +33,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ._html_text import _tidy_text, html_to_text
+from ._template_proof import has_literal_text, is_infallible
 from .errors import NotFoundError, StorageError, TemplateError, TemplateSecurityError
 from .storage.schema import templates as templates_table
 from .storage.schema import utcnow
@@ -316,6 +317,12 @@ class CompiledTemplate:
         used = set().union(*(meta.find_undeclared_variables(tree) for tree in trees))
         #: The names the template reads from the context (for previews and checks).
         self.variables: frozenset[str] = frozenset(used - set(_ENV.globals))
+        #: True when rendering provably succeeds, with a non-empty subject, for every context
+        #: that defines ``variables`` (see ``_template_proof``); the derived text part repeats
+        #: the HTML's own tags, so the HTML's proof covers it.
+        self.infallible: bool = has_literal_text(subject_tree) and all(
+            is_infallible(tree) for tree in trees
+        )
 
     def __repr__(self) -> str:
         return f"CompiledTemplate({self.template.name!r}, version={self.template.version})"
@@ -456,8 +463,11 @@ def preflight_template(
     for contact in contacts:
         checked += 1
         error = None
+        context = build_context(contact, unsubscribe_url=unsubscribe_url)
+        if compiled.infallible and compiled.variables <= context.keys():
+            continue  # renders, proven once for every such contact (see _template_proof)
         try:
-            rendered = compiled.render(build_context(contact, unsubscribe_url=unsubscribe_url))
+            rendered = compiled.render(context)
         except TemplateSecurityError:
             raise
         except TemplateError as exc:
