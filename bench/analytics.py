@@ -47,6 +47,10 @@ from mailkit.storage.engagement import (
     drop_engagement_triggers,
     rebuild_engagement,
 )
+from mailkit.storage.event_minutes import (
+    create_event_minute_triggers,
+    drop_event_minute_triggers,
+)
 from mailkit.storage.schema import (
     campaign_variants,
     campaigns,
@@ -147,12 +151,14 @@ def build_campaign(db: Engine, recipients: int, *, seed: int = 1) -> int:
     ts: Callable[[datetime], Any] = _sqlite_ts if dialect == "sqlite" else (lambda v: v)
     loader = _SqliteLoader(db) if dialect == "sqlite" else _PostgresLoader(db)
     # Bulk loads are much faster into bare tables: the indexes are rebuilt once at the end.
-    # So are the engagement summary's triggers: the summary is rebuilt in one pass after.
+    # So are the triggers of the engagement summary and the per-minute counts: both are
+    # rebuilt in one pass after (rebuild_engagement does both).
     indexes = [idx for table in BULK_TABLES for idx in table.indexes]
     with db.begin() as conn:
         for idx in indexes:
             idx.drop(conn)
         drop_engagement_triggers(conn)
+        drop_event_minute_triggers(conn)
     with loader:
         n_events = 0
         for lo in range(1, recipients + 1, CHUNK):
@@ -192,6 +198,7 @@ def build_campaign(db: Engine, recipients: int, *, seed: int = 1) -> int:
         for idx in indexes:
             idx.create(conn)
         create_engagement_triggers(conn)
+        create_event_minute_triggers(conn)
         rebuild_engagement(conn, [cid])
     if dialect == "sqlite":
         with db.begin() as conn:

@@ -2,9 +2,10 @@
 
 Periods are whole ``size``-second spans from the campaign's start (on SQLite, from its start
 truncated to the second, as SQLite's ``strftime('%s')`` counts). Instead of computing a period
-for each of millions of events, the events are counted per period by index range: for each
-(type, machine) the index ``ix_events_campaign_type_time`` is read once, period by period,
-without touching the table. First opens and clicks come from the ``engagement`` summary.
+for each of millions of events, the events are summed per period from ``event_minutes`` (kept
+per campaign, type, machine flag and minute by triggers, see ``storage.event_minutes``); only
+the minutes that period edges cut in two are counted from the index
+``ix_events_campaign_type_time``. First opens and clicks come from the ``engagement`` summary.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Literal
 
 import pandas as pd
 from sqlalchemy import (
-    ColumnElement,
+    ColumnClause,
     Connection,
     Engine,
     Integer,
@@ -25,7 +26,7 @@ from sqlalchemy import (
 )
 
 from ..campaigns import load_campaign
-from ..storage.schema import UTCDateTime, engagement, events, messages
+from ..storage.schema import UTCDateTime, engagement, event_minutes, events, messages
 from .metrics import load_metrics
 from .reading import connect_analytics
 
@@ -118,49 +119,72 @@ def _last_event(conn: Connection, campaign_id: int) -> datetime | None:
 def _count_per_period(
     conn: Connection, campaign_id: int, start: datetime, size: int, last: int
 ) -> pd.DataFrame:
-    """Every count column of the timeline for periods ``0..last``, by index range counts.
+    """Every count column of the timeline for periods ``0..last``, by index range sums.
 
-    A correlated ``count(*)`` per period and column: each one a range of an index
-    (``ix_events_campaign_type_time``, ``ix_engagement_first_open``/``_first_click``), so the
-    database counts index entries and never computes a period per row.
+    Per period and column, correlated sums over ranges of indexes, so the database never
+    computes a period per event: the whole minutes of the period from ``event_minutes``, and
+    first opens and clicks from ``ix_engagement_first_open``/``_first_click``. When the
+    periods do not start on a whole minute (a campaign starts at any moment), the minute
+    each period edge falls in is split: its events from the edge on are counted from
+    ``ix_events_campaign_type_time`` and moved to the later period.
     """
     dialect = conn.dialect.name
     edges = [_EARLIEST, *(_period_start(k, start, size, dialect) for k in range(1, last + 1))]
+    # Periods are whole minutes long: every edge is as far past its minute as the first one.
+    offset = edges[-1] - edges[-1].replace(second=0, microsecond=0)
+    split = last > 0 and offset > timedelta(0)
     bounds = list(zip(edges, [*edges[1:], _LATEST], strict=True))
-    rows = values(
+    columns: list[ColumnClause[Any]] = [
         column("k", Integer),
         column("lo", UTCDateTime()),
         column("hi", UTCDateTime()),
-        name="periods",
-    ).data([(k, lo, hi) for k, (lo, hi) in enumerate(bounds)])
-    periods = rows.cte("periods")  # SQLite takes VALUES with column names only in a CTE
-    e, g, p = events.c, engagement.c, periods.c
+    ]
+    data: list[tuple[Any, ...]] = [(k, lo, hi) for k, (lo, hi) in enumerate(bounds)]
+    if split:
+        minute = timedelta(minutes=1)
 
-    def count_in_period(when: Any, *conditions: ColumnElement[bool]) -> Any:
+        def minute_end(edge: datetime) -> datetime:
+            # The first and last edges are whole minutes: nothing to split there.
+            return edge if edge in (_EARLIEST, _LATEST) else edge - offset + minute
+
+        columns += [column("lo_end", UTCDateTime()), column("hi_end", UTCDateTime())]
+        data = [(*row, minute_end(row[1]), minute_end(row[2])) for row in data]
+    rows = values(*columns, name="periods").data(data)
+    periods = rows.cte("periods")  # SQLite takes VALUES with column names only in a CTE
+    e, g, p, mm = events.c, engagement.c, periods.c, event_minutes.c
+
+    def in_range(aggregate: Any, when: Any, lo: Any, hi: Any, *conditions: Any) -> Any:
         return (
-            select(func.count())
-            .where(*conditions, when >= p.lo, when < p.hi)
+            select(aggregate)
+            .where(*conditions, when >= lo, when < hi)
             .correlate(periods)
             .scalar_subquery()
         )
 
+    def count_slice(kind: str, machine: bool) -> Any:
+        whole = func.coalesce(
+            in_range(
+                func.sum(mm.events), mm.minute, p.lo, p.hi,
+                mm.campaign_id == campaign_id, mm.type == kind, mm.machine == machine,
+            ),
+            0,
+        )  # fmt: skip
+        if not split:
+            return whole
+        slice_ = (e.campaign_id == campaign_id, e.type == kind, e.machine == machine)
+        head = in_range(func.count(), e.occurred_at, p.lo, p.lo_end, *slice_)
+        tail = in_range(func.count(), e.occurred_at, p.hi, p.hi_end, *slice_)
+        return whole + head - tail
+
     counts: list[Any] = []
     for name, slices in _EVENT_COUNTS.items():
-        parts = [
-            count_in_period(
-                e.occurred_at, e.campaign_id == campaign_id, e.type == kind, e.machine == machine
-            )
-            for kind, machine in slices
-        ]
+        parts = [count_slice(kind, machine) for kind, machine in slices]
         total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
         counts.append(total.label(name))
     # Recipients whose first human open (or click) fell in the period, from the summary.
-    counts.append(
-        count_in_period(g.first_open_at, g.campaign_id == campaign_id).label("new_openers")
-    )
-    counts.append(
-        count_in_period(g.first_click_at, g.campaign_id == campaign_id).label("new_clickers")
-    )
+    first_open = in_range(func.count(), g.first_open_at, p.lo, p.hi, g.campaign_id == campaign_id)
+    first_click = in_range(func.count(), g.first_click_at, p.lo, p.hi, g.campaign_id == campaign_id)
+    counts += [first_open.label("new_openers"), first_click.label("new_clickers")]
     result = conn.execute(select(p.k, *counts).order_by(p.k))
     frame = pd.DataFrame(result.all(), columns=list(result.keys())).set_index("k")
     return frame.astype("int64").rename_axis("since")

@@ -5,8 +5,8 @@ deduplicated against the file so far, matched against the store by address and w
 bulk on the driver connection (JSON arrays through ``json_each`` on SQLite, COPY on
 PostgreSQL; see ``_store`` and ``_writers``), so memory is bounded by the chunk size (plus one
 dict entry per distinct address, for in-file duplicate detection). A reader thread parses and
-validates the next chunks meanwhile, and for a first load into an empty SQLite store also
-builds their inserts. A file that cannot be read raises and changes nothing; rows that cannot
+validates the next chunks meanwhile, and for a first load into an empty store also builds
+their inserts. A file that cannot be read raises and changes nothing; rows that cannot
 be imported come back in the :class:`ImportReport`.
 """
 

@@ -3,13 +3,15 @@
 SQLAlchemy's per-row parameter processing (and, on PostgreSQL, psycopg parsing giant multi-row
 INSERTs) cost more than everything else in a million-row import, so the bulk statements go to
 the DBAPI connection underneath the import's SQLAlchemy transaction: one JSON array per
-statement through ``json_each`` on SQLite, ``COPY`` and ``= ANY(array)`` on PostgreSQL. They
-are still inside that one transaction, so a failure anywhere rolls back every chunk.
+statement through ``json_each`` on SQLite, ``COPY`` and ``= ANY(array)`` on PostgreSQL (for a
+fresh load, binary arrays that INSERTs unnest, one per column, built in the reader thread).
+They are still inside that one transaction, so a failure anywhere rolls back every chunk.
 
 A fresh load (no contacts in the store yet) drops the secondary indexes of the contact tables,
-and on PostgreSQL their foreign keys, and rebuilds them from their own catalog definitions at
-the end, in the same transaction: building an index once by sorting, and checking a foreign
-key with one join, is several times cheaper than maintaining them row by row. Meanwhile those
+and on PostgreSQL their foreign keys and the unique and primary keys no foreign key refers to,
+and rebuilds them from their own catalog definitions at the end, in the same transaction:
+building an index once by sorting, and checking a foreign key with one join, is several times
+cheaper than maintaining them row by row. Meanwhile those
 tables are locked for other writers (SQLite: always; PostgreSQL: also for readers), which
 costs nothing while the store is empty.
 """
@@ -109,6 +111,40 @@ def _prepare_fresh(accepted: list[Accepted], keys: Sequence[str]) -> _FreshChunk
             columns.append((key, "pairs", _json(pairs)))
     contacts = _json([item[1:4] for item in accepted])
     return _FreshChunk(len(accepted), contacts, tuple(columns))
+
+
+@dataclass(frozen=True)
+class _PgFreshChunk:
+    """A chunk of a fresh PostgreSQL load by column, as the arrays its INSERTs unnest: the
+    contacts' addresses, names and domains, and per attribute key its values ("": none) and
+    their numbers (None when no value of the key in the chunk is a number)."""
+
+    size: int
+    emails: list[str]
+    names: list[str | None]
+    domains: list[str]
+    columns: tuple[tuple[str, list[str], list[float | None] | None], ...]
+
+
+def _prepare_pg_fresh(accepted: list[Accepted], keys: Sequence[str]) -> _PgFreshChunk:
+    columns = []
+    for key, values in zip(keys, zip(*(item[4] for item in accepted), strict=True), strict=True):
+        distinct = set(values)
+        distinct.discard("")
+        if not distinct:
+            continue
+        # Tested once per distinct value: values repeat a lot (prefectures, ages, ranks).
+        numbers = {v: number_of(v) for v in distinct}
+        has_numbers = any(n is not None for n in numbers.values())
+        nums = [numbers.get(v) for v in values] if has_numbers else None
+        columns.append((key, list(values), nums))
+    return _PgFreshChunk(
+        len(accepted),
+        [item[1] for item in accepted],
+        [item[3] for item in accepted],
+        [item[2] for item in accepted],
+        tuple(columns),
+    )
 
 
 class _SqliteWriter:
@@ -263,18 +299,57 @@ class _PostgresWriter:
             "FROM pg_constraint WHERE contype = 'f' AND conrelid = ANY(%s::regclass[])",
             tables,
         ).fetchall()
+        # Unique and primary keys too, unless a foreign key refers to them (contacts.id):
+        # checking each row's key against a growing index cost more of the load than
+        # building the index once at the end (which checks the same uniqueness).
+        uniques = self.cur.execute(
+            "SELECT c.conrelid::regclass::text, quote_ident(c.conname), "
+            "pg_get_constraintdef(c.oid) FROM pg_constraint c "
+            "WHERE c.contype IN ('p', 'u') AND c.conrelid = ANY(%s::regclass[]) "
+            "AND NOT EXISTS (SELECT 1 FROM pg_constraint f "
+            "WHERE f.contype = 'f' AND f.conindid = c.conindid)",
+            tables,
+        ).fetchall()
         for table, name, definition in keys:
             self.cur.execute(SQL(f"ALTER TABLE {table} DROP CONSTRAINT {name}"))
             self.rebuild.append(SQL(f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}"))
+        # The keys come back before the foreign keys, whose checks use contacts' primary key.
+        for table, name, definition in uniques:
+            self.cur.execute(SQL(f"ALTER TABLE {table} DROP CONSTRAINT {name}"))
+            self.rebuild.insert(0, SQL(f"ALTER TABLE {table} ADD CONSTRAINT {name} {definition}"))
         for name, definition in indexes:
             self.cur.execute(SQL(f"DROP INDEX {name}"))
-            self.rebuild.insert(0, SQL(definition))  # indexes first: the key checks use them
+            self.rebuild.insert(0, SQL(definition))
 
     def prepare(self, accepted: list[Accepted], keys: Sequence[str]) -> object | None:
-        return None  # COPY streams the rows as they are: nothing to build ahead
+        return _prepare_pg_fresh(accepted, keys) if self.fresh and accepted else None
 
     def add_prepared(self, prepared: object, list_id: int | None) -> None:
-        raise AssertionError("the PostgreSQL writer prepares nothing")
+        """A fresh chunk's rows from arrays (``%b``: dumped in binary, in C): the server
+        unnests them, so no Python code runs per row or per attribute value here, in the
+        thread that competes for the GIL with the reader."""
+        assert isinstance(prepared, _PgFreshChunk)
+        first = self._reserve_ids(prepared.size)[0]
+        self.cur.execute(
+            "INSERT INTO contacts (id, email, name, domain, created_at, updated_at) "
+            "SELECT %s + n - 1, e, m, d, %s, %s "
+            "FROM unnest(%b::text[], %b::text[], %b::text[]) WITH ORDINALITY AS t(e, m, d, n)",
+            (first, self.stamp, self.stamp, prepared.emails, prepared.names, prepared.domains),
+        )
+        for key, values, nums in prepared.columns:
+            self.cur.execute(
+                "INSERT INTO contact_attributes (contact_id, key, value, value_num) "
+                "SELECT %s + n - 1, %s, v, x "
+                "FROM unnest(%b::text[], %b::float8[]) WITH ORDINALITY AS t(v, x, n) "
+                "WHERE v <> ''",
+                (first, key, values, nums),
+            )
+        if list_id is not None:
+            self.cur.execute(
+                "INSERT INTO list_members (list_id, contact_id, added_at) "
+                "SELECT %s, %s + n, %s FROM generate_series(0, %s - 1) AS n",
+                (list_id, first, self.stamp, prepared.size),
+            )
 
     def finish(self) -> None:
         for statement in self.rebuild:
@@ -310,27 +385,29 @@ class _PostgresWriter:
             for row in rows:
                 copy.write_row(row)
 
-    def add_contacts(self, rows: Sequence[tuple[str, str | None, str]]) -> list[int]:
-        # Ids come from the column's own sequence, so concurrent writers never collide on them.
-        ids: Sequence[int]
+    def _reserve_ids(self, count: int) -> Sequence[int]:
+        """``count`` new contact ids from the column's own sequence, so concurrent writers
+        never collide on them."""
         if self.fresh:
             # One block per chunk (a million nextval calls cost seconds): safe because the
             # fresh load holds the lock that keeps every other writer out of contacts.
             (last,) = self.cur.execute(
                 "SELECT setval(pg_get_serial_sequence('contacts', 'id'), "
                 "nextval(pg_get_serial_sequence('contacts', 'id')) + %s - 1)",
-                (len(rows),),
+                (count,),
             ).fetchone()
-            ids = range(last - len(rows) + 1, last + 1)
-        else:
-            ids = [
-                cid
-                for (cid,) in self.cur.execute(
-                    "SELECT nextval(pg_get_serial_sequence('contacts', 'id')) "
-                    "FROM generate_series(1, %s)",
-                    (len(rows),),
-                )
-            ]
+            return range(last - count + 1, last + 1)
+        return [
+            cid
+            for (cid,) in self.cur.execute(
+                "SELECT nextval(pg_get_serial_sequence('contacts', 'id')) "
+                "FROM generate_series(1, %s)",
+                (count,),
+            )
+        ]
+
+    def add_contacts(self, rows: Sequence[tuple[str, str | None, str]]) -> list[int]:
+        ids = self._reserve_ids(len(rows))
         ts = self.stamp
         self._copy(
             "contacts",

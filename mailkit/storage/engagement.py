@@ -19,7 +19,8 @@ so that concurrent writers cannot deadlock on it). Only events with a ``campaign
 ``message_id`` and one of ``ENGAGEMENT_TYPES`` count, as in the metrics before the summary.
 
 Bulk loads that bypass triggers (PostgreSQL's ``session_replication_role = replica``, or
-``DROP TRIGGER`` around a load) must call ``rebuild_engagement`` afterwards.
+``DROP TRIGGER`` around a load) must call ``rebuild_engagement`` afterwards (it also rebuilds
+the timeline's per-minute counts, ``storage.event_minutes``, kept the same way).
 """
 
 # The trigger DDL below is assembled from this module's constants only, never from input.
@@ -43,6 +44,7 @@ from sqlalchemy import (
     select,
 )
 
+from .event_minutes import rebuild_event_minutes
 from .schema import engagement, events
 
 __all__ = [
@@ -114,14 +116,20 @@ def select_engagement_rows(where: ColumnElement[bool] | None = None) -> Select[A
     return query.where(where) if where is not None else query
 
 
-def rebuild_engagement(db: Engine | Connection, campaign_ids: Sequence[int] | None = None) -> int:
-    """Recompute the summary of ``campaign_ids`` (all campaigns when None) from ``events``.
+def rebuild_engagement(
+    db: Engine | Connection, campaign_ids: Sequence[int] | None = None, *, minutes: bool = True
+) -> int:
+    """Recompute the summary of ``campaign_ids`` (all campaigns when None) from ``events``,
+    and (``minutes``) their events per minute (``storage.event_minutes``).
 
     Needed only after a load that bypassed the triggers; returns the number of summary rows.
+    (Migration 0005 passes ``minutes=False``: ``event_minutes`` comes with 0007.)
     """
     if isinstance(db, Engine):
         with db.begin() as conn:
-            return rebuild_engagement(conn, campaign_ids)
+            return rebuild_engagement(conn, campaign_ids, minutes=minutes)
+    if minutes:
+        rebuild_event_minutes(db, campaign_ids)
     g = engagement.c
     wipe = delete(engagement)
     where = None

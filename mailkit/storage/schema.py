@@ -27,6 +27,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.types import TypeDecorator
 
@@ -41,6 +42,7 @@ __all__ = [
     "contacts",
     "domain_pacing",
     "engagement",
+    "event_minutes",
     "events",
     "inbound_bounces",
     "links",
@@ -113,7 +115,15 @@ contact_attributes = Table(
     # The value as a number when it reads as one, so `age >= 30` is a numeric comparison.
     Column("value_num", Float),
     Index("ix_contact_attributes_key_value", "key", "value"),
-    Index("ix_contact_attributes_key_value_num", "key", "value_num"),
+    # Numbers only: every comparison on value_num implies it is not NULL, and most values
+    # (names, prefectures...) are not numbers, so the index is a fraction of the table.
+    Index(
+        "ix_contact_attributes_key_value_num",
+        "key",
+        "value_num",
+        postgresql_where=text("value_num IS NOT NULL"),
+        sqlite_where=text("value_num IS NOT NULL"),
+    ),
 )
 
 lists = Table(
@@ -307,6 +317,20 @@ engagement = Table(
     Index("ix_engagement_first_open", "campaign_id", "first_open_at"),
     Index("ix_engagement_first_click", "campaign_id", "first_click_at"),
     # SQLite: the rows live in the primary key's B-tree, one lookup per ledger row.
+    sqlite_with_rowid=False,
+)
+
+event_minutes = Table(
+    "event_minutes",
+    metadata,
+    # Timeline events (open, click, unsubscribe) per campaign, type, machine flag and UTC
+    # minute, maintained by triggers on ``events`` (see ``storage.event_minutes``): the
+    # timeline sums minutes instead of counting every event. Derived data: no foreign keys.
+    Column("campaign_id", Integer, primary_key=True),
+    Column("type", String(20), primary_key=True),
+    Column("machine", Boolean, primary_key=True),
+    Column("minute", UTCDateTime, primary_key=True),
+    Column("events", Integer, nullable=False),
     sqlite_with_rowid=False,
 )
 

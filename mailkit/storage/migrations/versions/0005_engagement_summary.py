@@ -65,7 +65,7 @@ def upgrade() -> None:
     # Triggers first, in the same transaction: no event can slip between backfill and trigger
     # (on SQLite the migration holds the write lock; on PostgreSQL writers wait on the DDL).
     create_engagement_triggers(conn)
-    rebuild_engagement(conn)
+    rebuild_engagement(conn, minutes=False)  # event_minutes comes with 0007
 
 
 def downgrade() -> None:
