@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -92,16 +92,24 @@ class _FreshChunk:
     columns: tuple[tuple[str, str, str], ...]  # key, value_num mode, JSON array
 
 
+def _attribute_columns(
+    accepted: list[Accepted], keys: Sequence[str]
+) -> Iterator[tuple[str, tuple[str, ...], set[str]]]:
+    """Each attribute column of the chunk that has a value: its key, its values ("": none)
+    and their distinct non-empty values, which the callers test once each since values repeat
+    a lot (prefectures, ages, ranks)."""
+    for key, values in zip(keys, zip(*(item[4] for item in accepted), strict=True), strict=True):
+        distinct = set(values)
+        distinct.discard("")
+        if distinct:
+            yield key, values, distinct
+
+
 def _prepare_fresh(accepted: list[Accepted], keys: Sequence[str]) -> _FreshChunk:
     """The chunk's writes by attribute column: SQLite reads plain JSON strings without a
     json_extract per value, and this Python work runs in the reader thread."""
     columns = []
-    for key, values in zip(keys, zip(*(item[4] for item in accepted), strict=True), strict=True):
-        # Tested once per distinct value: values repeat a lot (prefectures, ages, ranks).
-        distinct = set(values)
-        distinct.discard("")
-        if not distinct:
-            continue
+    for key, values, distinct in _attribute_columns(accepted, keys):
         if all(number_of(v) is None for v in distinct):
             columns.append((key, "none", _json(values)))
         elif all(_SMALL_INTEGER.fullmatch(v) for v in distinct):
@@ -128,12 +136,7 @@ class _PgFreshChunk:
 
 def _prepare_pg_fresh(accepted: list[Accepted], keys: Sequence[str]) -> _PgFreshChunk:
     columns = []
-    for key, values in zip(keys, zip(*(item[4] for item in accepted), strict=True), strict=True):
-        distinct = set(values)
-        distinct.discard("")
-        if not distinct:
-            continue
-        # Tested once per distinct value: values repeat a lot (prefectures, ages, ranks).
+    for key, values, distinct in _attribute_columns(accepted, keys):
         numbers = {v: number_of(v) for v in distinct}
         has_numbers = any(n is not None for n in numbers.values())
         nums = [numbers.get(v) for v in values] if has_numbers else None

@@ -44,6 +44,7 @@ from sqlalchemy import (
     select,
 )
 
+from ._triggers import drop_event_triggers
 from .event_minutes import rebuild_event_minutes
 from .schema import engagement, events
 
@@ -317,11 +318,4 @@ def create_engagement_triggers(conn: Connection) -> None:
 
 def drop_engagement_triggers(conn: Connection) -> None:
     """Drop the triggers (and, on PostgreSQL, their functions)."""
-    if conn.dialect.name == "postgresql":
-        for name in (*_TRIGGERS, "engagement_after_truncate"):
-            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name} ON events")
-        for name in _PG_FUNCTIONS:
-            conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {name}()")
-    else:
-        for name in _TRIGGERS:
-            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}")
+    drop_event_triggers(conn, _TRIGGERS, "engagement_after_truncate", _PG_FUNCTIONS)

@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, delete, func, insert, literal_column, select
 from sqlalchemy import Select as SelectType
 
+from ._triggers import drop_event_triggers
 from .schema import UTCDateTime, event_minutes, events
 
 __all__ = [
@@ -209,11 +210,4 @@ def create_event_minute_triggers(conn: Connection) -> None:
 
 def drop_event_minute_triggers(conn: Connection) -> None:
     """Drop the triggers (and, on PostgreSQL, their functions)."""
-    if conn.dialect.name == "postgresql":
-        for name in (*_TRIGGERS, "event_minutes_after_truncate"):
-            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name} ON events")
-        for name in _PG_FUNCTIONS:
-            conn.exec_driver_sql(f"DROP FUNCTION IF EXISTS {name}()")
-    else:
-        for name in _TRIGGERS:
-            conn.exec_driver_sql(f"DROP TRIGGER IF EXISTS {name}")
+    drop_event_triggers(conn, _TRIGGERS, "event_minutes_after_truncate", _PG_FUNCTIONS)
