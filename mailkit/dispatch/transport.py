@@ -76,9 +76,9 @@ _SCHEMES: dict[str, tuple[Security, int]] = {
 _URL_EXAMPLE = "smtp+starttls://user:password@mail.example.com:587?timeout=30"
 _ENHANCED = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})(?![\d.])")
 _AUTH_CODES = frozenset({530, 534, 535, 538})
+_ADDRESS_CODES = frozenset({550, 551, 553})
 # asyncio's write-buffer high-water mark: a write up to it never waits for the server.
 _HOLD_BACK_ABOVE = 64 * 1024
-_ADDRESS_CODES = frozenset({550, 551, 553})
 
 
 # -- where to connect -----------------------------------------------------------------------
