@@ -79,3 +79,21 @@ def sqlite_db(sqlite_url: str) -> Iterator[Engine]:
     engine = open_db(sqlite_url)
     yield engine
     engine.dispose()
+
+
+#: Workspace settings a developer's shell may hold; tests that read settings start without them.
+WORKSPACE_SETTINGS = (
+    "MAILKIT_DB",
+    "MAILKIT_SMTP_URL",
+    "MAILKIT_TRACKING_URL",
+    "MAILKIT_DKIM_DOMAIN",
+    "MAILKIT_DKIM_SELECTOR",
+    "MAILKIT_DKIM_KEY",
+)
+
+
+@pytest.fixture
+def no_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test's settings are its own: none leak in from the environment."""
+    for name in WORKSPACE_SETTINGS:
+        monkeypatch.delenv(name, raising=False)

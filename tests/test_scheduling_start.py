@@ -40,17 +40,7 @@ def slow_html(loops: int) -> str:
     return "<p>{% for i in range(" + str(loops) + ") %}{{ name }} {% endfor %}様</p>"
 
 
-@pytest.fixture(autouse=True)
-def _no_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (
-        "MAILKIT_DKIM_DOMAIN",
-        "MAILKIT_DKIM_SELECTOR",
-        "MAILKIT_DKIM_KEY",
-        "MAILKIT_TRACKING_URL",
-        "MAILKIT_SMTP_URL",
-        "MAILKIT_DB",
-    ):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_settings_from_env")
 
 
 def start_worker(db_url: str, smtp_url: str, log: Path) -> subprocess.Popen[str]:

@@ -24,11 +24,7 @@ PEOPLE = 40
 REFUSED = "variant writes refused by the test trigger"
 
 
-@pytest.fixture(autouse=True)
-def _no_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("MAILKIT_DKIM_DOMAIN", "MAILKIT_DKIM_SELECTOR", "MAILKIT_DKIM_KEY"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.delenv("MAILKIT_TRACKING_URL", raising=False)
+pytestmark = pytest.mark.usefixtures("no_settings_from_env")
 
 
 def ab_campaign(db: Engine, name: str, *, seed: int, fraction: float | None) -> int:

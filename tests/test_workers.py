@@ -43,17 +43,7 @@ DEADLINE = 240.0  # seconds for the whole campaign; it takes about a minute on 2
 DOMAINS = ("example.jp", "example.co.jp", "example.ne.jp", "example.or.jp", "example.ac.jp")
 
 
-@pytest.fixture(autouse=True)
-def _no_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in (
-        "MAILKIT_DKIM_DOMAIN",
-        "MAILKIT_DKIM_SELECTOR",
-        "MAILKIT_DKIM_KEY",
-        "MAILKIT_TRACKING_URL",
-        "MAILKIT_SMTP_URL",
-        "MAILKIT_DB",
-    ):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("no_settings_from_env")
 
 
 def start_worker(db_url: str, smtp_url: str, log: Path, *extra: str) -> subprocess.Popen[str]:
