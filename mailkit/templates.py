@@ -327,6 +327,11 @@ class CompiledTemplate:
     def __repr__(self) -> str:
         return f"CompiledTemplate({self.template.name!r}, version={self.template.version})"
 
+    def surely_renders(self, context: Mapping[str, Any]) -> bool:
+        """Whether rendering ``context`` is known to succeed without trying: the template is
+        ``infallible`` and the context defines every variable it reads."""
+        return self.infallible and self.variables <= context.keys()
+
     def render(self, context: Mapping[str, Any]) -> RenderedMessage:
         """Render the three parts for one recipient; raise TemplateError if any part fails."""
         subject = self._render_part(self._subject, "subject", context)
@@ -464,7 +469,7 @@ def preflight_template(
         checked += 1
         error = None
         context = build_context(contact, unsubscribe_url=unsubscribe_url)
-        if compiled.infallible and compiled.variables <= context.keys():
+        if compiled.surely_renders(context):
             continue  # renders, proven once for every such contact (see _template_proof)
         try:
             rendered = compiled.render(context)

@@ -207,7 +207,7 @@ def check_members(
         checked += 1
         context = build_context(member, unsubscribe_url=placeholder)
         for variant, template in content.templates.items():
-            if template.infallible and template.variables <= context.keys():
+            if template.surely_renders(context):
                 continue  # it renders for this recipient, proven once for all of them
             error = None
             try:

@@ -593,9 +593,7 @@ class SMTPConnection:
             except (SMTPException, OSError) as exc:
                 self._drop()
                 return _lost(stage, exc), stage == "mail"
-            if reply.code == (354 if stage == "data" else 250) or (
-                stage != "data" and 200 <= reply.code < 300
-            ):
+            if (reply.code == 354) if stage == "data" else (200 <= reply.code < 300):
                 continue
             outcome = classify_reply(reply.code, reply.message, stage)
             if outcome.kind == "sent":  # a 2xx to DATA: the server is confused, nothing was taken
