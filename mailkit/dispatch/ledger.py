@@ -173,30 +173,44 @@ def claim_rows(
     first, skipping ``exclude_domains``. Rows leased by another live worker are never taken."""
     now = now or utcnow()
     m = messages.c
-    due = and_(
-        m.campaign_id == campaign_id,
-        or_(m.state == "queued", and_(m.state == "deferred", m.next_attempt_at <= now)),
-        or_(m.lease_owner.is_(None), m.lease_expires_at < now),
-    )
-    # Rows held back by an A/B test that still waits for its winner are not sendable yet.
-    due = and_(due, is_releasable())
+    # Not leased by a live worker, not held back by an A/B test that still waits for its
+    # winner, not a domain another sender handles.
+    free = and_(or_(m.lease_owner.is_(None), m.lease_expires_at < now), is_releasable())
     excluded = sorted(set(exclude_domains))
     if excluded:
-        due = and_(due, or_(m.domain.is_(None), m.domain.not_in(excluded)))
+        free = and_(free, or_(m.domain.is_(None), m.domain.not_in(excluded)))
+    # Queued rows and due retries are looked up separately, each along its own index in the
+    # order it keeps, so that a claim reads about ``limit`` rows however large the ledger:
+    # one query over both states walked the campaign's rows in id order past every sent one
+    # (at 200,000 recipients, 95 % sent: 57 ms per claim on SQLite, 197 ms on PostgreSQL).
     # PostgreSQL: concurrent claimers skip each other's locked rows instead of queueing on
     # them. SQLite ignores FOR UPDATE; BEGIN IMMEDIATE already makes this transaction exclusive.
     # The ids are fetched first: as an IN (subquery) PostgreSQL may re-run the LIMIT subquery
     # once per outer row and lease far more than ``limit`` rows.
-    candidates = (
-        select(m.id).where(due).order_by(m.id).limit(limit).with_for_update(skip_locked=True)
+    queued = (
+        select(m.id).where(m.campaign_id == campaign_id, m.state == "queued", free).order_by(m.id)
     )
+    retries = (
+        select(m.id)
+        .where(m.campaign_id == campaign_id, m.state == "deferred", m.next_attempt_at <= now, free)
+        .order_by(m.next_attempt_at)
+    )
+    waiting = or_(m.state == "queued", and_(m.state == "deferred", m.next_attempt_at <= now))
     with db.begin() as conn:
-        ids = list(conn.execute(candidates).scalars())
-        if not ids:
+        found_ids = {
+            row_id
+            for query in (queued, retries)
+            for row_id in conn.execute(query.limit(limit).with_for_update(skip_locked=True))
+            .scalars()
+            .all()
+        }
+        if not found_ids:
             return []
+        # By primary key alone: with the campaign's id in this condition too, SQLite went
+        # through the campaign's index, i.e. through all of its rows.
         rows = conn.execute(
             update(messages)
-            .where(m.id.in_(ids), due)
+            .where(m.id.in_(sorted(found_ids)[:limit]), waiting, free)
             .values(lease_owner=owner, lease_expires_at=now + lease)
             .returning(m.id, m.contact_id, m.email, m.attempts, m.state, m.variant, m.domain)
         ).all()

@@ -242,7 +242,9 @@ messages = Table(
     # The recipient's domain, copied at snapshot time for per-domain pacing and breakdowns.
     Column("domain", String(255)),
     UniqueConstraint("campaign_id", "contact_id", name="uq_messages_campaign_contact"),
-    Index("ix_messages_campaign_state", "campaign_id", "state"),
+    # Claims walk a campaign's queued rows in id order, and its due retries in time order:
+    # either reads about as many rows as it takes, however many were sent (migration 0009).
+    Index("ix_messages_campaign_state_id", "campaign_id", "state", "id"),
     Index("ix_messages_campaign_state_next", "campaign_id", "state", "next_attempt_at"),
     # Bounces are matched to ledger rows by Message-ID header and by address.
     Index("ix_messages_message_id", "message_id"),

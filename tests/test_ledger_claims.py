@@ -1,0 +1,103 @@
+"""Claims: which rows they take, and that they read about as many rows as they take."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Engine, event, select, update
+from test_dispatch_support import addresses, make_campaign
+
+from mailkit.campaigns import snapshot_campaign
+from mailkit.dispatch.ledger import claim_rows, new_worker_id
+from mailkit.storage.schema import messages, utcnow
+
+
+def _ledger_ids(db: Engine, campaign_id: int) -> list[int]:
+    with db.connect() as conn:
+        query = select(messages.c.id).where(messages.c.campaign_id == campaign_id)
+        return sorted(conn.execute(query).scalars())
+
+
+def test_a_claim_takes_queued_rows_and_due_retries_oldest_first(db: Engine) -> None:
+    campaign_id = make_campaign(db, addresses(30))
+    snapshot_campaign(db, campaign_id)
+    ids = _ledger_ids(db, campaign_id)
+    now = utcnow()
+    with db.begin() as conn:
+        for row_ids, state, retry in (
+            (ids[:5], "deferred", now - timedelta(minutes=1)),  # due
+            (ids[5:10], "deferred", now + timedelta(minutes=2)),  # not yet
+            (ids[10:15], "sent", None),
+        ):
+            conn.execute(
+                update(messages)
+                .where(messages.c.id.in_(row_ids))
+                .values(state=state, next_attempt_at=retry)
+            )
+    first = claim_rows(db, campaign_id, new_worker_id(), 8, now=now)
+    # The oldest first, whichever their state: the five due retries, then queued rows.
+    assert [r.id for r in first] == ids[:5] + ids[15:18]
+    assert [r.state for r in first] == ["deferred"] * 5 + ["queued"] * 3
+    rest = claim_rows(db, campaign_id, new_worker_id(), 100, now=now)
+    assert [r.id for r in rest] == ids[18:]
+    assert claim_rows(db, campaign_id, new_worker_id(), 100, now=now) == []
+    # Three minutes later the postponed retries are due (and the others still leased).
+    later = claim_rows(db, campaign_id, new_worker_id(), 100, now=now + timedelta(minutes=3))
+    assert [r.id for r in later] == ids[5:10]
+    db.dispose()
+
+
+def _sqlite_work(db: Engine, action: Callable[[], Any]) -> int:
+    """SQLite virtual-machine steps (in hundreds) that ``action`` runs: a count of the rows it
+    reads, deterministic, unlike a time."""
+    steps = 0
+
+    def tick() -> int:
+        nonlocal steps
+        steps += 1
+        return 0  # go on
+
+    def checkout(dbapi_conn: Any, _record: Any, _proxy: Any) -> None:
+        dbapi_conn.set_progress_handler(tick, 100)
+
+    def checkin(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.set_progress_handler(None, 0)
+
+    event.listen(db, "checkout", checkout)
+    event.listen(db, "checkin", checkin)
+    try:
+        action()
+    finally:
+        event.remove(db, "checkout", checkout)
+        event.remove(db, "checkin", checkin)
+    return steps
+
+
+def test_a_claim_reads_as_much_in_a_big_ledger_as_in_a_small_one(sqlite_db: Engine) -> None:
+    # One query over "queued, or deferred and due" in id order walked past every sent row (or
+    # sorted every queued one): the claims of a million-recipient campaign read the ledger.
+    db = sqlite_db
+    small = make_campaign(db, addresses(100, prefix="small"), name="small")
+    snapshot_campaign(db, small)
+    baseline = _sqlite_work(db, lambda: claim_rows(db, small, new_worker_id(), 10))
+
+    recipients = 3000
+    big = make_campaign(db, addresses(recipients), name="big")
+    snapshot_campaign(db, big)
+    fresh = _sqlite_work(db, lambda: claim_rows(db, big, new_worker_id(), 10))
+    ids = _ledger_ids(db, big)
+    with db.begin() as conn:
+        conn.execute(
+            update(messages)
+            .where(messages.c.id.in_(ids[: recipients - 100]))
+            .values(state="sent", lease_owner=None, lease_expires_at=None)
+        )
+    claimed: list[int] = []
+    late = _sqlite_work(
+        db, lambda: claimed.extend(r.id for r in claim_rows(db, big, new_worker_id(), 10))
+    )
+    assert claimed == ids[recipients - 100 : recipients - 90]
+    # 30 times the rows, not twice the work, whether they are waiting or sent already.
+    assert 0 < fresh < 2 * baseline and late < 2 * baseline, (baseline, fresh, late)
