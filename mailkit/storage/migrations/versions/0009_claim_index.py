@@ -6,7 +6,8 @@ every row already sent: at 200,000 recipients with 95 % sent, 57 ms (SQLite) and
 (PostgreSQL) per claim, so a million-recipient campaign spent most of its time claiming.
 ``claim_rows`` now asks for each state on its own: queued rows along this index, in id order,
 and due retries along ``ix_messages_campaign_state_next``, in time order. Both stop after the
-rows they take: 0.x ms per claim at any size.
+rows they take: at the same 200,000 recipients a claim now takes 3.8 ms (SQLite) and 21 ms
+(PostgreSQL, where the select itself is 1 ms and the rest is the lease update and its commit).
 
 The index replaces ``ix_messages_campaign_state`` (campaign_id, state), which it extends: on
 SQLite the two are the same index (every index ends with the rowid, which is ``id``); on
