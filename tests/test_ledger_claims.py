@@ -1,4 +1,5 @@
-"""Claims: which rows they take, and that they read about as many rows as they take."""
+"""Claims: which rows they take, and that they (and recovery) read about as many rows as they
+take, not the whole ledger."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from sqlalchemy import Engine, event, select, update
 from test_dispatch_support import addresses, make_campaign
 
 from mailkit.campaigns import snapshot_campaign
-from mailkit.dispatch.ledger import claim_rows, new_worker_id
+from mailkit.dispatch.ledger import claim_rows, new_worker_id, recover_stale_rows
 from mailkit.storage.schema import messages, utcnow
 
 
@@ -101,3 +102,39 @@ def test_a_claim_reads_as_much_in_a_big_ledger_as_in_a_small_one(sqlite_db: Engi
     assert claimed == ids[recipients - 100 : recipients - 90]
     # 30 times the rows, not twice the work, whether they are waiting or sent already.
     assert 0 < fresh < 2 * baseline and late < 2 * baseline, (baseline, fresh, late)
+
+
+def _recovery_work(db: Engine, recipients: int, name: str) -> tuple[int, list[tuple[str, None]]]:
+    """The work of recovering a campaign whose rows are sent but for the last hundred, three
+    of which a dead worker holds (one in flight); and those three rows afterwards."""
+    campaign_id = make_campaign(db, addresses(recipients, prefix=name), name=name)
+    snapshot_campaign(db, campaign_id)
+    ids = _ledger_ids(db, campaign_id)
+    with db.begin() as conn:
+        conn.execute(
+            update(messages).where(messages.c.id.in_(ids[: recipients - 100])).values(state="sent")
+        )
+        conn.execute(
+            update(messages)
+            .where(messages.c.id.in_(ids[-3:]))
+            .values(
+                lease_owner="elsewhere.invalid:1:dead",
+                lease_expires_at=utcnow() - timedelta(minutes=1),
+            )
+        )
+        conn.execute(update(messages).where(messages.c.id == ids[-1]).values(state="sending"))
+    recovered: list[int] = []
+    work = _sqlite_work(db, lambda: recovered.append(recover_stale_rows(db, campaign_id)))
+    assert recovered == [1]
+    with db.connect() as conn:
+        query = select(messages.c.state, messages.c.lease_owner).where(messages.c.id.in_(ids[-3:]))
+        return work, sorted(tuple(row) for row in conn.execute(query))
+
+
+def test_recovery_reads_no_sent_row(sqlite_db: Engine) -> None:
+    # Every run starts with recovery (and a worker runs once per poll): it looked at all of a
+    # campaign's rows for leases, although only waiting or in-flight rows can hold one.
+    small, small_rows = _recovery_work(sqlite_db, 100, "small")
+    big, big_rows = _recovery_work(sqlite_db, 3000, "big")
+    assert small_rows == big_rows == [("queued", None), ("queued", None), ("unknown", None)]
+    assert 0 < big < 2 * small, (small, big)

@@ -122,16 +122,23 @@ def recover_stale_rows(db: Engine, campaign_id: int, *, now: datetime | None = N
     never re-sent automatically. Returns the number of rows that became ``unknown``.
     """
     now = now or utcnow()
+    # Only rows waiting or being sent hold leases (an outcome clears its row's lease): looked
+    # up through the state index, a campaign's sent rows are never read, however many.
+    leased = and_(
+        messages.c.campaign_id == campaign_id,
+        messages.c.state.in_(PENDING_STATES),
+        messages.c.lease_owner.is_not(None),
+    )
     with db.begin() as conn:
         owners = conn.execute(
             select(messages.c.lease_owner, func.max(messages.c.lease_expires_at))
-            .where(messages.c.campaign_id == campaign_id, messages.c.lease_owner.is_not(None))
+            .where(leased)
             .group_by(messages.c.lease_owner)
         ).all()
         dead = [o for o, expires in owners if _owner_is_dead(o) or (expires and expires < now)]
         if not dead:
             return 0
-        stale = and_(messages.c.campaign_id == campaign_id, messages.c.lease_owner.in_(dead))
+        stale = and_(leased, messages.c.lease_owner.in_(dead))
         unknown = conn.execute(
             update(messages)
             .where(stale, messages.c.state == "sending")
