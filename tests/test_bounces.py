@@ -139,6 +139,24 @@ def test_matching_falls_back_to_message_id_then_to_the_address(
     assert ways == matched
 
 
+def test_an_address_match_survives_a_server_that_changed_its_case(
+    db: Engine, sent: dict[str, Sent], tmp_path: Path
+) -> None:
+    # Neither VERP nor a known Message-ID, and the report names HANAKO.YAMADA@...: the exact
+    # address finds no contact, the case-folded one does, then its last message.
+    target = sent[RECIPIENTS[0]]
+    shouted = Sent(target.row_id, target.campaign_id, target.email.upper(), target.message_id)
+    report_bytes = render_fixture("gmail_hard.eml", shouted, None).replace(
+        target.message_id.encode(), b"<unknown@elsewhere.example>"
+    )
+    write(tmp_path, "a.eml", report_bytes)
+    report = ingest_bounces(db, tmp_path, keyring=KEYRING)
+    assert (report.hard, report.unmatched, report.suppressed) == (1, 0, 1)
+    [event] = event_rows(db, "bounce")
+    assert (event.message_id, event.detail["matched_by"]) == (target.row_id, "recipient")
+    assert suppression_of(db, target.email) is not None
+
+
 def test_a_forged_verp_token_is_not_trusted(
     db: Engine, sent: dict[str, Sent], tmp_path: Path
 ) -> None:

@@ -34,7 +34,7 @@ from sqlalchemy import Connection, distinct, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ..contacts import normalize_email
-from ..storage.schema import events, messages, suppressions, utcnow
+from ..storage.schema import contacts, events, messages, suppressions, utcnow
 from ..tracking.tokens import Keyring
 from .parse import ParsedBounce, RecipientStatus
 from .verp import decode_verp
@@ -174,11 +174,14 @@ def _by_recipient(conn: Connection, rcpt: RecipientStatus) -> LedgerMatch | None
             exact = normalize_email(address)
         except ValueError:
             exact = address.strip()
+        # Through the contact: its address is unique and indexed, and is the one its ledger
+        # rows were sent to (a contact's address never changes).
         sent = messages.c.sent_at.is_not(None)
-        found = _row_match(conn, (messages.c.email == exact) & sent, "recipient")
+        contact = select(contacts.c.id).where(contacts.c.email == exact).scalar_subquery()
+        found = _row_match(conn, (messages.c.contact_id == contact) & sent, "recipient")
         if found is None:  # servers fold the local part's case; mailboxes rarely care
-            lowered = func.lower(messages.c.email) == exact.lower()
-            found = _row_match(conn, lowered & sent, "recipient")
+            folded = select(contacts.c.id).where(func.lower(contacts.c.email) == exact.lower())
+            found = _row_match(conn, messages.c.contact_id.in_(folded) & sent, "recipient")
         if found is not None:
             return found
     return None
@@ -264,14 +267,15 @@ def _suppress(
 
 
 def _soft_count(conn: Connection, match: LedgerMatch, since: datetime) -> int:
-    """Distinct messages to the address that soft-bounced since ``since``, this one included."""
+    """Distinct messages to the address (its contact) that soft-bounced since ``since``, this
+    one included."""
     e, m = events.c, messages.c
     earlier = conn.execute(
         select(func.count(distinct(e.message_id)))
         .select_from(events.join(messages, messages.c.id == e.message_id))
         .where(
             e.type == "soft_bounce",
-            m.email == match.email,
+            m.contact_id == match.contact_id,
             e.occurred_at >= since,
             e.message_id != match.message_row_id,
         )

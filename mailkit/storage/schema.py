@@ -246,9 +246,16 @@ messages = Table(
     # either reads about as many rows as it takes, however many were sent (migration 0009).
     Index("ix_messages_campaign_state_id", "campaign_id", "state", "id"),
     Index("ix_messages_campaign_state_next", "campaign_id", "state", "next_attempt_at"),
-    # Bounces are matched to ledger rows by Message-ID header and by address.
-    Index("ix_messages_message_id", "message_id"),
-    Index("ix_messages_email", "email"),
+    # Bounces are matched to ledger rows by Message-ID header, and by address through the
+    # contact (contacts.email is unique). Partial: a snapshot inserts every row without a
+    # Message-ID, and those never need finding by it (migration 0010).
+    Index(
+        "ix_messages_message_id",
+        "message_id",
+        sqlite_where=text("message_id IS NOT NULL"),
+        postgresql_where=text("message_id IS NOT NULL"),
+    ),
+    Index("ix_messages_contact", "contact_id"),
 )
 
 links = Table(
