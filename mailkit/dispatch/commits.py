@@ -3,16 +3,25 @@
 A worker's outcome and its next mark are committed together (or the outcome first), and a
 worker waits for its mark to be committed before its SMTP transaction starts, so a worker never
 has more than one row ``sending``: after a crash, at most one ``unknown`` row per connection.
+
+The frequent statements (marks, outcomes, reverts, ``sent`` events and the status read) go to
+the DBAPI connection under the group's SQLAlchemy transaction, as plain SQL with the values
+bound by the columns' own SQLAlchemy types: SQLAlchemy's per-statement and per-parameter
+work cost about three times what SQLite takes to run them (a group of three marks and three
+outcomes: 361 µs of CPU through Core, 135 µs this way). The rare ones (suppressions,
+slow-downs) stay in Core, in the same transaction.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, func, insert, or_, select, update
+from sqlalchemy import Connection, Dialect, Engine, insert
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..storage.schema import campaigns, events, messages, suppressions, utcnow
@@ -101,69 +110,78 @@ def _insert_ignoring_duplicates(conn: Connection, table: Any, values: dict[str, 
         conn.execute(insert(table).values(**values))
 
 
-# The hot path's statements are built once: constructing a Core statement costs far more
-# than SQLite takes to run it, and executemany sends a whole group in one call.
-_m = messages.c
-# Not IN (...): an IN list is an "expanding" parameter, which executemany refuses.
-_WAITING = or_(_m.state == "queued", _m.state == "deferred")
+# The hot path's SQL, written with ``:name`` parameters (sqlite3's named style; psycopg's
+# ``%(name)s`` is derived from it). Tables and columns are named literally, so the names are
+# checked against the schema at import.
+assert (messages.name, events.name, campaigns.name) == ("messages", "events", "campaigns")
 _MARK = (
-    update(messages)
-    .where(
-        _m.id == bindparam("b_id"),
-        _m.lease_owner == bindparam("b_owner"),
-        _WAITING,
-    )
-    .values(
-        state="sending",
-        attempts=_m.attempts + 1,
-        message_id=bindparam("b_mid"),
-        lease_expires_at=bindparam("b_expires"),
-        updated_at=bindparam("b_now"),
-    )
+    "UPDATE messages SET state = 'sending', attempts = attempts + 1, message_id = :b_mid, "
+    "lease_expires_at = :b_expires, updated_at = :b_now "
+    "WHERE id = :b_id AND lease_owner = :b_owner AND (state = 'queued' OR state = 'deferred')"
 )
-_MARKED = select(_m.id, _m.message_id, _m.state).where(
-    _m.id.in_(bindparam("b_ids", expanding=True))
-)
-_OUTCOME_VALUES = {
-    "state": bindparam("b_state"),
-    "smtp_code": bindparam("b_code"),
-    "smtp_reply": bindparam("b_reply"),
-    "next_attempt_at": bindparam("b_next", type_=_m.next_attempt_at.type),
-    "sent_at": func.coalesce(bindparam("b_sent", type_=_m.sent_at.type), _m.sent_at),
-    "lease_owner": None,
-    "lease_expires_at": None,
-    "updated_at": bindparam("b_now"),
-}
+_MARKED = "SELECT id, message_id, state FROM messages WHERE id = :b_id"
 # Only over our own attempt: if the row was recovered as unknown meanwhile, the server's
 # answer is the better truth; if someone re-sent it since, their attempt is not ours.
 _OUTCOME = (
-    update(messages)
-    .where(_m.id == bindparam("b_id"), _m.message_id == bindparam("b_mid"))
-    .values(**_OUTCOME_VALUES)
+    "UPDATE messages SET state = :b_state, smtp_code = :b_code, smtp_reply = :b_reply, "
+    "next_attempt_at = :b_next, sent_at = coalesce(:b_sent, sent_at), lease_owner = NULL, "
+    "lease_expires_at = NULL, updated_at = :b_now "
+    "WHERE id = :b_id AND message_id = :b_mid"
 )
 # A row never attempted (its message could not be built): only while we hold it.
 _UNSENT = (
-    update(messages)
-    .where(
-        _m.id == bindparam("b_id"),
-        _m.lease_owner == bindparam("b_owner"),
-        _WAITING,
-    )
-    .values(**_OUTCOME_VALUES)
+    "UPDATE messages SET state = :b_state, smtp_code = :b_code, smtp_reply = :b_reply, "
+    "next_attempt_at = :b_next, sent_at = coalesce(:b_sent, sent_at), lease_owner = NULL, "
+    "lease_expires_at = NULL, updated_at = :b_now "
+    "WHERE id = :b_id AND lease_owner = :b_owner AND (state = 'queued' OR state = 'deferred')"
 )
 _REVERT = (
-    update(messages)
-    .where(_m.id == bindparam("b_id"), _m.message_id == bindparam("b_mid"), _m.state == "sending")
-    .values(
-        state=bindparam("b_state"),
-        attempts=_m.attempts - 1,
-        lease_owner=None,
-        lease_expires_at=None,
-        updated_at=bindparam("b_now"),
-    )
+    "UPDATE messages SET state = :b_state, attempts = attempts - 1, lease_owner = NULL, "
+    "lease_expires_at = NULL, updated_at = :b_now "
+    "WHERE id = :b_id AND message_id = :b_mid AND state = 'sending'"
 )
-_EVENT = insert(events)
-_STATUS = select(campaigns.c.status).where(campaigns.c.id == bindparam("b_campaign"))
+_EVENT = (
+    "INSERT INTO events (campaign_id, message_id, contact_id, type, occurred_at, detail, "
+    "machine) VALUES (:campaign_id, :message_id, :contact_id, :type, :occurred_at, :detail, "
+    ":machine)"
+)
+_STATUS = "SELECT status FROM campaigns WHERE id = :b_campaign"
+_NAMED = re.compile(r":(\w+)")
+
+
+@dataclass(frozen=True)
+class _Driver:
+    """The hot path's SQL in the driver's parameter style, and the columns' bind processors
+    (SQLite stores timestamps as naive UTC text, PostgreSQL as timestamptz; JSON is text)."""
+
+    sql: dict[str, str]
+    timestamp: Callable[[datetime | None], Any]
+    json: Callable[[Any], Any]
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+@lru_cache(maxsize=8)
+def _driver_for(dialect: Dialect) -> _Driver:
+    statements = {
+        "mark": _MARK,
+        "marked": _MARKED,
+        "outcome": _OUTCOME,
+        "unsent": _UNSENT,
+        "revert": _REVERT,
+        "event": _EVENT,
+        "status": _STATUS,
+    }
+    # sqlite3 takes ``:name`` whatever SQLAlchemy's default style for it is.
+    if dialect.driver == "psycopg":
+        statements = {k: _NAMED.sub(r"%(\1)s", v) for k, v in statements.items()}
+    elif dialect.driver != "pysqlite":  # pragma: no cover - SQLite and psycopg only
+        raise ValueError(f"the ledger supports sqlite3 and psycopg, not {dialect.driver}")
+    stamp = messages.c.updated_at.type.dialect_impl(dialect).bind_processor(dialect)
+    detail = events.c.detail.type.dialect_impl(dialect).bind_processor(dialect)
+    return _Driver(statements, stamp or _identity, detail or _identity)
 
 
 def apply_ledger_ops(
@@ -184,6 +202,22 @@ def apply_ledger_ops(
     sender notices a pause at its next commit.
     """
     now = now or utcnow()
+    with db.begin() as conn:
+        driver = _driver_for(conn.dialect)
+        return _apply(conn, driver, campaign_id, owner, ops, now, lease)
+
+
+def _apply(
+    conn: Connection,
+    driver: _Driver,
+    campaign_id: int,
+    owner: str,
+    ops: Sequence[LedgerOp],
+    now: datetime,
+    lease: timedelta,
+) -> AppliedOps:
+    stamp = driver.timestamp
+    at, expires = stamp(now), stamp(now + lease)
     marks: list[dict[str, Any]] = []
     outcomes: list[dict[str, Any]] = []
     unsent: list[dict[str, Any]] = []
@@ -197,8 +231,8 @@ def apply_ledger_ops(
                     "b_id": op.row_id,
                     "b_owner": owner,
                     "b_mid": op.message_id,
-                    "b_expires": now + lease,
-                    "b_now": now,
+                    "b_expires": expires,
+                    "b_now": at,
                 }
             )
         elif isinstance(op, RevertSending):
@@ -207,7 +241,7 @@ def apply_ledger_ops(
                     "b_id": op.row_id,
                     "b_mid": op.message_id,
                     "b_state": op.previous_state,
-                    "b_now": now,
+                    "b_now": at,
                 }
             )
         elif isinstance(op, SlowDown):
@@ -218,9 +252,9 @@ def apply_ledger_ops(
                 "b_state": op.state,
                 "b_code": op.code,
                 "b_reply": op.reply[:2000],
-                "b_next": op.next_attempt_at,
-                "b_sent": now if op.state == "sent" else None,
-                "b_now": now,
+                "b_next": stamp(op.next_attempt_at),
+                "b_sent": at if op.state == "sent" else None,
+                "b_now": at,
             }
             if op.message_id is None:
                 unsent.append({**values, "b_owner": owner})
@@ -234,35 +268,44 @@ def apply_ledger_ops(
                         "message_id": op.row.id,
                         "contact_id": op.row.contact_id,
                         "type": kind,
-                        "occurred_at": now,
-                        "detail": detail,
+                        "occurred_at": at,
+                        "detail": driver.json(detail),
+                        "machine": False,
                     }
                 )
             if op.suppress is not None or op.slow_domain is not None:
                 extras.append(op)
     slowed: dict[str, datetime] = {}
     accepted_marks: set[int] = set()
-    with db.begin() as conn:
+    sql = driver.sql
+    cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    try:
         # Outcomes first: a worker's result and its next mark may share this commit.
-        for statement, params in ((_OUTCOME, outcomes), (_UNSENT, unsent), (_REVERT, reverts)):
+        for name, params in (("outcome", outcomes), ("unsent", unsent), ("revert", reverts)):
             if params:
-                conn.execute(statement, params)
+                cursor.executemany(sql[name], params)
         if new_events:
-            conn.execute(_EVENT, new_events)
+            cursor.executemany(sql["event"], new_events)
         for extra in extras:
             _apply_extra(conn, campaign_id, extra, now, slowed)
         if marks:
-            updated = conn.execute(_MARK, marks).rowcount
+            cursor.executemany(sql["mark"], marks)
             wanted = {p["b_id"]: p["b_mid"] for p in marks}
-            if updated == len(marks) and conn.dialect.supports_sane_multi_rowcount:
-                # Each mark updates at most its own row, so every one of them took: the
-                # usual case, which spares the read-back.
+            if cursor.rowcount == len(marks):
+                # Each mark updates at most its own row and the drivers add up executemany's
+                # counts, so every one of them took: the usual case, which spares the read-back.
                 accepted_marks.update(wanted)
             else:
-                for row in conn.execute(_MARKED, {"b_ids": list(wanted)}):
-                    if row.state == "sending" and row.message_id == wanted[row.id]:
-                        accepted_marks.add(row.id)
-        status = conn.execute(_STATUS, {"b_campaign": campaign_id}).scalar_one_or_none()
+                for row_id, mid in wanted.items():
+                    cursor.execute(sql["marked"], {"b_id": row_id})
+                    row = cursor.fetchone()
+                    if row is not None and row[2] == "sending" and row[1] == mid:
+                        accepted_marks.add(row_id)
+        cursor.execute(sql["status"], {"b_campaign": campaign_id})
+        found = cursor.fetchone()
+    finally:
+        cursor.close()
+    status: str | None = None if found is None else found[0]
     accepted = tuple(
         op.row_id in accepted_marks if isinstance(op, MarkSending) else True for op in ops
     )
