@@ -21,6 +21,7 @@ from sqlalchemy import Engine, select
 
 from ..errors import AddressError, SMTPDeliveryError, TemplateError
 from ..scheduling import SendingWindow, format_local
+from ..storage.engine import connect_for_reading
 from ..storage.schema import campaigns
 from .commits import (
     LedgerOp,
@@ -85,7 +86,7 @@ class Run:
     _contexts: dict[int, dict[str, Any]] = field(default_factory=dict)
     _excluded: set[str] = field(default_factory=set)
     _exhausted: bool = False
-    _claim_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _claiming: asyncio.Task[None] | None = None
     _renewed_at: datetime | None = None
     _status_checked_at: datetime | None = None
     _safety_done: bool = False
@@ -129,11 +130,11 @@ class Run:
             row, wait = self._pick(now)
             if row is not None:
                 self.pacer.take(row.recipient_domain, now)
+                if self._held_count < self.batch // 2:
+                    self._claim_ahead(now)
                 return row
             if not self._exhausted and self._held_count < self.max_held:
-                async with self._claim_lock:
-                    if not self._exhausted and not self.stopping:
-                        self._claim(now)
+                await self._claimed(now)
                 continue
             if self._held_count == 0:
                 return None
@@ -162,7 +163,49 @@ class Run:
             best = wait if best is None else min(best, wait)
         return None, best
 
-    def _claim(self, now: datetime) -> None:
+    # Claims run in a thread, one at a time, and the next one starts while the rows held
+    # still last: with several senders on one SQLite file a claim may wait for the write lock,
+    # and on the event loop's thread that wait stopped every worker of this process.
+
+    def _claim_ahead(self, now: datetime) -> None:
+        if self._claiming is None and not self._exhausted and not self.stopping:
+            self._claiming = asyncio.get_running_loop().create_task(self._claim(now))
+
+    async def _claimed(self, now: datetime) -> None:
+        """Wait for the claim in flight, or for a new one."""
+        self._claim_ahead(now)
+        if self._claiming is not None:
+            # Shielded: a cancelled worker must not cancel the claim other workers wait for.
+            await asyncio.shield(self._claiming)
+
+    async def settle_claims(self) -> None:
+        """Wait for a claim in flight, so that its rows are held (and can be released)."""
+        if self._claiming is not None:
+            await asyncio.shield(self._claiming)
+
+    async def _claim(self, now: datetime) -> None:
+        try:
+            rows, contexts = await asyncio.to_thread(
+                self._fetch_claim, now, frozenset(self._excluded | self.skip_domains)
+            )
+        except Exception as exc:  # a worker that waits for it stops on ``fatal``
+            self.fail(exc)
+            return
+        finally:
+            self._claiming = None
+        if not rows:
+            self._exhausted = True
+            return
+        self._contexts.update(contexts)
+        for row in rows:
+            if row.recipient_domain in self._excluded:  # given up while this claim ran
+                release_rows(self.db, [row.id], self.owner)
+            else:
+                self._hold(row)
+
+    def _fetch_claim(
+        self, now: datetime, excluded: frozenset[str]
+    ) -> tuple[list[LedgerRow], dict[int, dict[str, Any]]]:
         rows = claim_rows(
             self.db,
             self.campaign_id,
@@ -170,14 +213,10 @@ class Run:
             self.batch,
             now=now,
             lease=self.lease,
-            exclude_domains=self._excluded | self.skip_domains,
+            exclude_domains=excluded,
         )
-        if not rows:
-            self._exhausted = True
-            return
-        self._contexts.update(fetch_contact_contexts(self.db, [r.contact_id for r in rows]))
-        for row in rows:
-            self._hold(row)
+        contexts = fetch_contact_contexts(self.db, [r.contact_id for r in rows]) if rows else {}
+        return rows, contexts
 
     def _hold(self, row: LedgerRow) -> None:
         domain = row.recipient_domain
@@ -235,7 +274,7 @@ class Run:
         ):
             return
         self._status_checked_at = now
-        with self.db.connect() as conn:
+        with connect_for_reading(self.db) as conn:
             status = conn.execute(
                 select(campaigns.c.status).where(campaigns.c.id == self.campaign_id)
             ).scalar_one_or_none()

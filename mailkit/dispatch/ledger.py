@@ -30,6 +30,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, func, or_, select, update
 
+from ..storage.engine import connect_for_reading
 from ..storage.schema import (
     LEDGER_STATES,
     PENDING_STATES,
@@ -272,7 +273,7 @@ def count_states(db: Engine, campaign_id: int) -> dict[str, int]:
     Safe to call while the campaign is being sent, from any process: it reads what has been
     committed, which is at most one message per connection behind the wire.
     """
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         found: dict[str, int] = {
             state: count
             for state, count in conn.execute(
@@ -290,7 +291,7 @@ def count_bounce_sample(db: Engine, campaign_id: int) -> tuple[int, int]:
     Final answers are ``sent`` and ``failed`` rows; hard bounces are the addresses this
     campaign suppressed as ``hard_bounce``.
     """
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         finals = conn.execute(
             select(func.count()).where(
                 messages.c.campaign_id == campaign_id, messages.c.state.in_(("sent", "failed"))
@@ -328,7 +329,7 @@ def fetch_contact_contexts(db: Engine, contact_ids: Iterable[int]) -> dict[int, 
     ids = list(contact_ids)
     if not ids:
         return {}
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         found: dict[int, dict[str, Any]] = {
             r.id: {"id": r.id, "email": r.email, "name": r.name, "domain": r.domain}
             for r in conn.execute(

@@ -40,6 +40,7 @@ from sqlalchemy import Connection, Engine, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConfigError
+from ..storage.engine import connect_for_reading
 from ..storage.schema import domain_pacing, utcnow
 
 __all__ = [
@@ -165,7 +166,7 @@ def load_slowdowns(db: Engine | Connection) -> dict[str, Slowdown]:
     if isinstance(db, Connection):
         rows = db.execute(query).all()
     else:
-        with db.connect() as conn:
+        with connect_for_reading(db) as conn:
             rows = conn.execute(query).all()
     return {r.domain: Slowdown(r.penalty, r.slow_until, r.updated_at) for r in rows}
 

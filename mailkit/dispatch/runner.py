@@ -453,6 +453,7 @@ async def _drive(
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+        await run.settle_claims()
         writer.close()
         try:
             await writer_task
