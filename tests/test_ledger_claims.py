@@ -3,6 +3,8 @@ take, not the whole ledger."""
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -11,7 +13,14 @@ from sqlalchemy import Engine, event, select, update
 from test_dispatch_support import addresses, make_campaign
 
 from mailkit.campaigns import snapshot_campaign
-from mailkit.dispatch.ledger import claim_rows, new_worker_id, recover_stale_rows
+from mailkit.dispatch.ledger import (
+    claim_rows,
+    count_bounce_sample,
+    count_states,
+    fetch_contact_contexts,
+    new_worker_id,
+    recover_stale_rows,
+)
 from mailkit.storage.schema import messages, utcnow
 
 
@@ -138,3 +147,36 @@ def test_recovery_reads_no_sent_row(sqlite_db: Engine) -> None:
     big, big_rows = _recovery_work(sqlite_db, 3000, "big")
     assert small_rows == big_rows == [("queued", None), ("queued", None), ("unknown", None)]
     assert 0 < big < 2 * small, (small, big)
+
+
+def test_the_dispatchers_reads_do_not_wait_for_another_writer(sqlite_db: Engine) -> None:
+    # Another sender (here a plain sqlite3 connection) holds the write lock, as it does during
+    # each of its commits. The counts and contact data a sender reads between its own commits
+    # must not queue behind it: they read the last committed state instead.
+    db = sqlite_db
+    campaign_id = make_campaign(db, addresses(20))
+    snapshot_campaign(db, campaign_id)
+    [row] = claim_rows(db, campaign_id, new_worker_id(), 1)
+    writer = sqlite3.connect(db.url.database, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("UPDATE messages SET state = 'sent' WHERE campaign_id = ?", (campaign_id,))
+    results: list[Any] = []
+
+    def read() -> None:
+        results.append(count_states(db, campaign_id))
+        results.append(count_bounce_sample(db, campaign_id))
+        results.append(fetch_contact_contexts(db, [row.contact_id]))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)  # with the lock taken, each read waited up to the 30 s busy timeout
+    blocked = reader.is_alive()
+    writer.execute("ROLLBACK")
+    writer.close()
+    reader.join()
+    assert not blocked, "a read waited for another connection's write lock"
+    states, sample, contexts = results
+    assert states["queued"] == 20 and states["sent"] == 0  # the uncommitted update is unseen
+    assert sample == (0, 0)
+    assert contexts[row.contact_id]["email"] == row.email
+    db.dispose()
