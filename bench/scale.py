@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/scale.py [--rows N] [--backends sqlite,postgres]
                                     [--events-per-recipient K] [--cache DIR] [--pg URL]
+                                    [--addresses sorted|shuffled]
 
 Generates a CSV of N contacts (default 1,000,000: Japanese names, prefectures, gender, age and
 a few invalid or duplicate rows) once into the cache folder, then on each backend, in a fresh
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import random
@@ -65,7 +67,16 @@ DOMAINS = ("gmail.com", "docomo.ne.jp", "ezweb.ne.jp", "softbank.ne.jp", "yahoo.
 # ---------------------------------------------------------------------------- data
 
 
-def build_csv(path: Path, rows: int, *, seed: int = 2026) -> None:
+def _local_part(i: int, shuffled: bool) -> str:
+    """Contact i's mailbox name: ``user0000042``, or with ``shuffled`` a name whose sort order
+    has nothing to do with i (as in a real list), so that address indexes are written at random
+    places instead of appended to."""
+    if not shuffled:
+        return f"user{i:07d}"
+    return f"{hashlib.blake2b(i.to_bytes(4, 'big'), digest_size=5).hexdigest()}.{i}"
+
+
+def build_csv(path: Path, rows: int, *, seed: int = 2026, shuffled: bool = False) -> None:
     """N data rows; about 1 in 10,000 has a broken address or repeats an earlier one."""
     rng = random.Random(seed)
     tmp = path.with_suffix(".part")
@@ -73,12 +84,12 @@ def build_csv(path: Path, rows: int, *, seed: int = 2026) -> None:
         out = csv.writer(fh)
         out.writerow(["email", "氏名", "prefecture", "gender", "age"])
         for i in range(rows):
-            email = f"user{i:07d}@{DOMAINS[i % len(DOMAINS)]}"
+            email = f"{_local_part(i, shuffled)}@{DOMAINS[i % len(DOMAINS)]}"
             roll = rng.random()
             if roll < 0.00005:
                 email = f"user{i}@@broken"
-            elif roll < 0.0001 and i:
-                email = f"user{rng.randrange(i):07d}@{DOMAINS[0]}"  # a duplicate (or a miss)
+            elif roll < 0.0001 and i:  # a duplicate (or a miss)
+                email = f"{_local_part(rng.randrange(i), shuffled)}@{DOMAINS[0]}"
             name = rng.choice(SURNAMES) + " " + rng.choice(GIVEN)
             prefecture = rng.choices(PREFECTURES, WEIGHTS)[0]
             out.writerow([email, name, prefecture, rng.choice("FM"), rng.randint(18, 79)])
@@ -395,6 +406,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events-per-recipient", type=float, default=10.0)
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "mailkit-bench")
     parser.add_argument("--pg", default=PG_URL, help="PostgreSQL admin URL [MAILKIT_TEST_PG]")
+    parser.add_argument(
+        "--addresses",
+        choices=("sorted", "shuffled"),
+        default="sorted",
+        help="sorted: user0000001@... in row order (the default, as in earlier runs); "
+        "shuffled: addresses in random order, as in a real list",
+    )
     parser.add_argument("--step", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--csv", type=Path, help=argparse.SUPPRESS)
@@ -406,10 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    csv_path = args.cache / f"contacts-{args.rows}-v{CSV_VERSION}.csv"
+    shuffled = args.addresses == "shuffled"
+    kind = "-shuffled" if shuffled else ""
+    csv_path = args.cache / f"contacts-{args.rows}{kind}-v{CSV_VERSION}.csv"
     if not csv_path.exists():
         print(f"generating {csv_path} ...", flush=True)
-        build_csv(csv_path, args.rows)
+        build_csv(csv_path, args.rows, shuffled=shuffled)
     print(f"{csv_path}: {args.rows:,} rows, {csv_path.stat().st_size / MB:,.0f} MB; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")  # fmt: skip
     results: list[tuple[str, str, dict[str, Any]]] = []

@@ -174,13 +174,12 @@ class Run:
     async def _claimed(self, now: datetime) -> None:
         """Wait for the claim in flight, or for a new one."""
         self._claim_ahead(now)
-        if self._claiming is not None:
-            # Shielded: a cancelled worker must not cancel the claim other workers wait for.
-            await asyncio.shield(self._claiming)
+        await self.settle_claims()
 
     async def settle_claims(self) -> None:
         """Wait for a claim in flight, so that its rows are held (and can be released)."""
         if self._claiming is not None:
+            # Shielded: a cancelled worker must not cancel the claim other workers wait for.
             await asyncio.shield(self._claiming)
 
     async def _claim(self, now: datetime) -> None:
@@ -197,10 +196,12 @@ class Run:
             self._exhausted = True
             return
         self._contexts.update(contexts)
+        # Domains given up on while this claim ran go back at once.
+        given_up = [row.id for row in rows if row.recipient_domain in self._excluded]
+        if given_up:
+            release_rows(self.db, given_up, self.owner)
         for row in rows:
-            if row.recipient_domain in self._excluded:  # given up while this claim ran
-                release_rows(self.db, [row.id], self.owner)
-            else:
+            if row.recipient_domain not in self._excluded:
                 self._hold(row)
 
     def _fetch_claim(

@@ -7,9 +7,9 @@ has more than one row ``sending``: after a crash, at most one ``unknown`` row pe
 The frequent statements (marks, outcomes, reverts, ``sent`` events and the status read) go to
 the DBAPI connection under the group's SQLAlchemy transaction, as plain SQL with the values
 bound by the columns' own SQLAlchemy types: SQLAlchemy's per-statement and per-parameter
-work cost about three times what SQLite takes to run them (a group of three marks and three
-outcomes: 361 µs of CPU through Core, 135 µs this way). The rare ones (suppressions,
-slow-downs) stay in Core, in the same transaction.
+work cost more than SQLite took to run them (a group of three marks and three outcomes with
+their ``sent`` events: 530–770 µs of CPU through Core, 380–400 µs this way). The rare ones
+(suppressions, slow-downs) stay in Core, in the same transaction.
 """
 
 from __future__ import annotations
