@@ -9,6 +9,7 @@ from mailkit.errors import SegmentError
 from mailkit.segments import (
     BUILTIN_FIELDS,
     Segment,
+    build_count_statement,
     compile_segment,
     count_segment,
     fetch_members,
@@ -387,16 +388,19 @@ def test_segment_sql_probes_indexes_instead_of_scanning_attributes(sqlite_db: En
         "prefecture == '東京都' and age >= 30 and not (gender == 'M') and list == '人事部'",
         load_attribute_names(sqlite_db),
     )
-    stmt = select(func.count()).select_from(contacts).where(segment.clause)
+    stmt = build_count_statement(segment, "sqlite")
     with sqlite_db.connect() as conn:
         compiled = stmt.compile(dialect=conn.dialect)
         params = tuple(compiled.params[name] for name in compiled.positiontup or ())
         plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", params).all()
-    details = " | ".join(row[-1] for row in plan)
-    assert "SEARCH contact_attributes USING" in details
-    assert "SCAN contact_attributes" not in details
-    assert "SCAN list_members" not in details
-    assert "SCAN suppressions" not in details
+    details = [row[-1] for row in plan]
+    assert any(d.startswith("SEARCH contact_attributes USING") for d in details)
+    assert not any(d.startswith(("SCAN contact_attributes", "SCAN list_members")) for d in details)
+    assert not any(d.startswith("SCAN suppressions") for d in details)
+    # contacts is walked in id order, as attribute rows are stored, not through the address or
+    # domain index (which sends the look-ups to random places: 5x slower at 1M contacts).
+    assert "SCAN contacts" in details, details
+    assert "USE TEMP B-TREE FOR ORDER BY" not in details
 
 
 def test_half_width_katakana_keys_are_found_despite_identifier_normalisation() -> None:
