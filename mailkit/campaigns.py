@@ -25,6 +25,7 @@ from sqlalchemy import Connection, Engine, func, insert, literal, select, update
 from .errors import CampaignError, NotFoundError
 from .messages import parse_address
 from .segments import compile_segment, load_attribute_names, select_members
+from .storage import connect_for_reading
 from .storage.schema import campaign_variants, campaigns, messages, templates, utcnow
 from .templates import load_template
 
@@ -124,7 +125,7 @@ def create_campaign(
 
 def load_campaign(db: Engine, campaign_id: int) -> Campaign:
     """The campaign with this id, or NotFoundError."""
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         row = conn.execute(select(campaigns).where(campaigns.c.id == campaign_id)).first()
     if row is None:
         raise NotFoundError("campaign", campaign_id)
@@ -153,7 +154,7 @@ def load_campaigns(db: Engine) -> pd.DataFrame:
         .outerjoin(recipients, recipients.c.campaign_id == campaigns.c.id)
         .order_by(campaigns.c.id.desc())
     )
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         result = conn.execute(query)
         return pd.DataFrame(result.all(), columns=list(result.keys()))
 

@@ -59,6 +59,7 @@ from sqlalchemy import (
 )
 
 from .errors import SegmentError
+from .storage import connect_for_reading
 from .storage.schema import contact_attributes, contacts, list_members, lists, suppressions
 
 __all__ = [
@@ -535,7 +536,7 @@ def load_attribute_names(db: Engine) -> set[str]:
     keys = select(func.min(ca.key).label("key")).cte("attribute_keys", recursive=True)
     following = select(func.min(ca.key)).where(ca.key > keys.c.key).scalar_subquery()
     keys = keys.union_all(select(following).where(keys.c.key.is_not(None)))
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         rows = conn.execute(select(keys.c.key).where(keys.c.key.is_not(None))).scalars()
         return set(rows)
 
@@ -592,7 +593,7 @@ def _contact_ids(values: Iterable[Any]) -> list[int]:
 
 def _ids_for_emails(db: Engine, emails: list[str]) -> list[int]:
     ids: list[int] = []
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         for start in range(0, len(emails), 500):  # stay far below bind-parameter limits
             chunk = emails[start : start + 500]
             ids.extend(
@@ -613,7 +614,7 @@ def _id_segment(ids: list[int], description: str) -> Segment:
 def count_segment(db: Engine, expression: SegmentSpec) -> int:
     """How many contacts are in the segment (an expression, ids or a DataFrame)."""
     stmt = build_count_statement(resolve_segment(db, expression), db.dialect.name)
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         return int(conn.execute(stmt).scalar_one())
 
 
@@ -658,7 +659,7 @@ def fetch_members(db: Engine, expression: SegmentSpec, *, limit: int | None = No
         stmt = stmt.select_from(members.outerjoin(contact_attributes, ca.contact_id == m.id))
         stmt = stmt.group_by(m.id, m.email, m.name, m.domain)
     stmt = stmt.order_by(m.id)
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         rows = conn.execute(stmt).all()
     columns = [*MEMBER_COLUMNS, *(f"{k}_attr" if k in MEMBER_COLUMNS else k for k in keys)]
     frame = pd.DataFrame([tuple(row) for row in rows], columns=columns, dtype=object)

@@ -97,3 +97,11 @@ def no_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """The test's settings are its own: none leak in from the environment."""
     for name in WORKSPACE_SETTINGS:
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(params=["uvloop", "asyncio"])
+def each_event_loop(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs the test once on each event loop mailkit supports (``MAILKIT_EVENT_LOOP``)."""
+    monkeypatch.setenv("MAILKIT_EVENT_LOOP", request.param)
+    name: str = request.param
+    return name

@@ -30,7 +30,7 @@ def _no_dkim_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def test_every_recipient_exactly_once_and_counts_match(db: Engine) -> None:
+def test_every_recipient_exactly_once_and_counts_match(db: Engine, each_event_loop: str) -> None:
     campaign_id = make_campaign(db, addresses(60))
     with Sink() as sink:
         result = send_campaign(db, campaign_id, sink.url, concurrency=4)

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pytest
 import trustme
 
+from mailkit._aio import run_sync
 from mailkit.dispatch.transport import (
     Outcome,
     SMTPConnection,
@@ -27,12 +28,15 @@ from mailkit.dispatch.transport import (
 from mailkit.errors import ConfigError, SMTPDeliveryError
 from mailkit.sink import FaultPlan, Sink
 
+# Every test here runs on uvloop and on asyncio's own loop.
+pytestmark = pytest.mark.usefixtures("each_event_loop")
+
 T = TypeVar("T")
 SENDER = "bounces@news.example.com"
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
+    return run_sync(coro)
 
 
 def build_message(to: str, subject: str = "hello", body: str = "hi\n") -> bytes:

@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from mailkit._aio import run_sync
 from mailkit.dispatch.transport import Outcome, SMTPConnection
 from mailkit.sink import FaultPlan, Sink
+
+# Every test here runs on uvloop and on asyncio's own loop.
+pytestmark = pytest.mark.usefixtures("each_event_loop")
 
 SENDER = "bounces@news.example.com"
 
@@ -48,7 +52,7 @@ def test_outcomes_do_not_depend_on_pipelining(pipelining: bool) -> None:
         "c@example.com",
     ]
     with Sink(faults=plan, pipelining=pipelining) as sink:
-        offered, outcomes = asyncio.run(send_each(sink.url, recipients))
+        offered, outcomes = run_sync(send_each(sink.url, recipients))
         assert offered is pipelining
         assert [(o.kind, o.stage) for o in outcomes] == [
             ("sent", "data_end"),
@@ -72,7 +76,7 @@ def test_outcomes_do_not_depend_on_pipelining(pipelining: bool) -> None:
 def test_a_421_at_mail_reconnects_once_without_losing_the_message(pipelining: bool) -> None:
     with Sink(faults=FaultPlan(messages_per_connection=2), pipelining=pipelining) as sink:
         recipients = [f"r{i}@example.com" for i in range(5)]
-        _, outcomes = asyncio.run(send_each(sink.url, recipients))
+        _, outcomes = run_sync(send_each(sink.url, recipients))
         assert [o.kind for o in outcomes] == ["sent"] * 5
         assert sorted(e.rcpt_tos[0] for e in sink.envelopes()) == sorted(recipients)
         assert sink.connections == 3
@@ -191,7 +195,7 @@ async def run_scripted(server: Scripted, recipients: list[str]) -> list[Outcome]
 def test_replies_joined_or_split_are_read_in_order(batch: bool, byte_by_byte: bool) -> None:
     server = Scripted(batch=batch, byte_by_byte=byte_by_byte)
     recipients = ["a@example.com", "refused@example.com", "b@example.com"]
-    outcomes = asyncio.run(run_scripted(server, recipients))
+    outcomes = run_sync(run_scripted(server, recipients))
     assert [o.kind for o in outcomes] == ["sent", "bounce", "sent"]
     assert outcomes[1].reply == "550 5.1.1 no such user"
     assert [to for to, _ in server.delivered] == ["a@example.com", "b@example.com"]
@@ -207,20 +211,20 @@ def test_replies_joined_or_split_are_read_in_order(batch: bool, byte_by_byte: bo
 
 def test_a_data_accepted_without_recipients_is_closed_empty_and_the_session_goes_on() -> None:
     server = Scripted(data_anyway=True)
-    outcomes = asyncio.run(run_scripted(server, ["refused@example.com", "a@example.com"]))
+    outcomes = run_sync(run_scripted(server, ["refused@example.com", "a@example.com"]))
     assert [(o.kind, o.stage) for o in outcomes] == [("bounce", "rcpt"), ("sent", "data_end")]
     assert [to for to, _ in server.delivered] == ["a@example.com"]
     assert "RSET" in server.commands
 
 
 def test_garbage_instead_of_a_reply_defers_and_does_not_hang() -> None:
-    outcomes = asyncio.run(run_scripted(Scripted(garbage=True), ["a@example.com"]))
+    outcomes = run_sync(run_scripted(Scripted(garbage=True), ["a@example.com"]))
     assert [(o.kind, o.stage) for o in outcomes] == [("defer", "mail")]
     assert "malformed SMTP reply" in outcomes[0].reply
 
 
 def test_a_250_to_data_is_not_taken_for_a_delivery() -> None:
     server = Scripted(data_250=True)
-    outcomes = asyncio.run(run_scripted(server, ["a@example.com"]))
+    outcomes = run_sync(run_scripted(server, ["a@example.com"]))
     assert [(o.kind, o.code, o.stage) for o in outcomes] == [("defer", 250, "data")]
     assert server.delivered == [] and "RSET" in server.commands

@@ -30,7 +30,7 @@ import ssl
 from dataclasses import dataclass, field
 from email.utils import parseaddr
 from types import TracebackType
-from typing import Literal
+from typing import Literal, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
@@ -473,12 +473,14 @@ class SMTPConnection:
             smtp.close()
             raise self._translate_connect_error(exc) from exc
         transport = smtp.transport
-        if not isinstance(transport, asyncio.Transport) or transport.is_closing():
+        # Not an isinstance check: uvloop's transports have asyncio.Transport's methods
+        # without deriving from it.
+        if transport is None or transport.is_closing():
             smtp.close()
             raise _TransientConnectError(f"{target.where} closed the connection after login")
         self._smtp = smtp
         self._extensions = frozenset(smtp.esmtp_extensions)
-        self._wire = Wire(transport)
+        self._wire = Wire(cast(asyncio.Transport, transport))
 
     @staticmethod
     async def _ehlo(smtp: aiosmtplib.SMTP) -> None:
