@@ -19,6 +19,7 @@ from .dispatch import (
 from .dispatch.pacing import unpaced_rules
 from .errors import CampaignError, ConfigError, NotFoundError
 from .segments import count_segment
+from .storage import connect_for_reading
 from .storage.schema import campaigns, utcnow
 from .templates import load_template
 
@@ -183,7 +184,7 @@ def find_campaign(db: Engine, name: str = "") -> Campaign:
     query = select(campaigns.c.id).order_by(campaigns.c.id.desc()).limit(1)
     if name.strip():
         query = query.where(campaigns.c.name == name.strip())
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         found = conn.execute(query).scalar_one_or_none()
     if found is None:
         raise NotFoundError("campaign", name or "(any)")

@@ -35,6 +35,7 @@ from .campaigns import load_campaign
 from .dispatch import count_states
 from .errors import SegmentError
 from .messages import build_message, message_to_bytes
+from .storage import connect_for_reading
 from .storage.schema import templates, utcnow
 from .templates import (
     PREVIEW_UNSUBSCRIBE_URL,
@@ -233,7 +234,7 @@ class Preview:
 
 def load_template_names(db: Engine) -> list[str]:
     """Names of the stored templates, sorted."""
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         return sorted(conn.execute(select(templates.c.name)).scalars())
 
 

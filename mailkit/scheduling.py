@@ -41,6 +41,7 @@ from .errors import (
     SMTPDeliveryError,
     StorageError,
 )
+from .storage import connect_for_reading
 from .storage.schema import campaigns, messages, utcnow
 
 __all__ = [
@@ -120,7 +121,7 @@ def format_local(when: datetime, timezone: str = DEFAULT_TIMEZONE) -> str:
 def load_sending_window(db: Engine, campaign_id: int) -> SendingWindow | None:
     """The campaign's sending window, or None when it may send at any time."""
     c = campaigns.c
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         row = conn.execute(
             select(c.window_start, c.window_end, c.timezone).where(c.id == campaign_id)
         ).first()
@@ -215,7 +216,7 @@ def find_due_campaigns(
         and_(p.state == "deferred", p.next_attempt_at <= now),
     )
     last_activity = select(func.max(m.updated_at)).where(m.campaign_id == c.id).scalar_subquery()
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         drafts = conn.execute(
             select(c.id, c.name, c.status, c.send_at)
             .where(c.status == "draft", c.send_at.is_not(None), c.send_at <= now)

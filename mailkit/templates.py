@@ -35,6 +35,7 @@ from sqlalchemy.exc import IntegrityError
 from ._html_text import _tidy_text, html_to_text
 from ._template_proof import has_literal_text, is_infallible
 from .errors import NotFoundError, StorageError, TemplateError, TemplateSecurityError
+from .storage import connect_for_reading
 from .storage.schema import templates as templates_table
 from .storage.schema import utcnow
 
@@ -554,7 +555,7 @@ def load_template(db: Engine, name_or_id: str | int) -> Template:
         where = t.c.id == name_or_id
     else:
         where = t.c.name == str(name_or_id).strip()
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         row = conn.execute(select(t).where(where)).one_or_none()
     if row is None:
         raise NotFoundError("template", name_or_id)

@@ -43,6 +43,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .campaigns import load_campaign
 from .errors import CampaignError, NotFoundError
+from .storage import connect_for_reading
 from .storage.schema import campaign_variants, campaigns, messages
 from .templates import load_template
 
@@ -107,7 +108,7 @@ def add_variant(
 def load_variants(db: Engine, campaign_id: int) -> list[Variant]:
     """The campaign's variants in the order they were added (empty: not an A/B test)."""
     cv = campaign_variants.c
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         rows = conn.execute(
             select(campaign_variants).where(cv.campaign_id == campaign_id).order_by(cv.id)
         ).all()

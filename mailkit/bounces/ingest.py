@@ -19,6 +19,7 @@ from sqlalchemy import Connection, Engine, func, insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ..errors import StorageError
+from ..storage import connect_for_reading
 from ..storage.schema import bounce_rejects, inbound_bounces, utcnow
 from ..tracking.tokens import Keyring, load_keyring
 from .parse import ParsedBounce, parse_bounce
@@ -171,7 +172,7 @@ def ingest_message(
             return _record(conn, message, keyring, policy, utcnow())
     except IntegrityError:
         # Another process recorded the same message between our check and our insert.
-        with db.connect() as conn:
+        with connect_for_reading(db) as conn:
             known = select(inbound_bounces.c.id).where(inbound_bounces.c.sha256 == message.digest)
             if conn.execute(known).first() is not None:
                 return IngestReport(seen=1, duplicates=1)
@@ -224,7 +225,7 @@ def load_bounce_rejects(db: Engine, *, limit: int | None = None) -> list[BounceR
     query = query.order_by(r.received_at.desc(), r.id.desc())
     if limit is not None:
         query = query.limit(limit)
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         return [
             BounceReject(row.id, row.source, row.reason, row.received_at, int(row.size or 0))
             for row in conn.execute(query)
@@ -233,5 +234,5 @@ def load_bounce_rejects(db: Engine, *, limit: int | None = None) -> list[BounceR
 
 def count_bounce_rejects(db: Engine) -> int:
     """How many messages are kept aside in ``bounce_rejects``."""
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         return int(conn.execute(select(func.count()).select_from(bounce_rejects)).scalar_one())

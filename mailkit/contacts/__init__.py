@@ -32,6 +32,7 @@ from sqlalchemy import Connection, Engine, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ..errors import NotFoundError
+from ..storage import connect_for_reading
 from ..storage.schema import (
     contact_attributes,
     contacts,
@@ -368,7 +369,7 @@ def load_contacts(db: Engine, *, list_name: str | None = None) -> pd.DataFrame:
     c, ca = contacts.c, contact_attributes.c
     query = select(c.id, c.email, c.name, c.domain).order_by(c.id)
     attr_query = select(ca.contact_id, ca.key, ca.value)
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         if list_name is not None:
             members = select(list_members.c.contact_id).where(
                 list_members.c.list_id == _list_id(conn, list_name)
@@ -401,7 +402,7 @@ def load_lists(db: Engine) -> pd.DataFrame:
         .group_by(lists.c.id, lists.c.name)
         .order_by(lists.c.name)
     )
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         return pd.DataFrame(conn.execute(query).all(), columns=["name", "members"])
 
 
@@ -443,6 +444,6 @@ def load_suppressions(db: Engine) -> pd.DataFrame:
     """Suppressed addresses: email, reason, detail, campaign_id, created_at (oldest first)."""
     s = suppressions.c
     query = select(s.email, s.reason, s.detail, s.campaign_id, s.created_at)
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         rows = conn.execute(query.order_by(s.created_at, s.email)).all()
     return pd.DataFrame(rows, columns=["email", "reason", "detail", "campaign_id", "created_at"])

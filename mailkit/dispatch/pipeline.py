@@ -30,6 +30,7 @@ from ..errors import (
     TemplateSecurityError,
 )
 from ..messages import MessageSkeleton, build_skeleton, make_message_id
+from ..storage import connect_for_reading
 from ..storage.schema import campaign_variants
 from ..templates import (
     PREVIEW_UNSUBSCRIBE_URL,
@@ -152,7 +153,7 @@ def load_campaign_content(db: Engine, campaign: Campaign) -> CampaignContent:
         )
     }
     v = campaign_variants.c
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         rows = conn.execute(
             select(v.name, v.template_id, v.template_version, v.subject)
             .where(v.campaign_id == campaign.id)

@@ -9,6 +9,7 @@ from sqlalchemy import Engine, insert, select
 
 from ..contacts import save_suppression
 from ..errors import NotFoundError
+from ..storage import connect_for_reading
 from ..storage.schema import events, messages, utcnow
 
 __all__ = ["UNSUBSCRIBE_SOURCES", "save_unsubscribe"]
@@ -36,7 +37,7 @@ def save_unsubscribe(
     if source not in UNSUBSCRIBE_SOURCES:
         raise ValueError(f"source must be one of {UNSUBSCRIBE_SOURCES}, not {source!r}")
     m = messages.c
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         row = conn.execute(
             select(m.campaign_id, m.contact_id, m.email).where(m.id == message_row_id)
         ).first()

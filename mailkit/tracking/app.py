@@ -51,6 +51,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import NotFoundError, StorageError, TokenError
+from ..storage import connect_for_reading
 from ..storage.schema import links, messages, utcnow
 from .actions import save_unsubscribe
 from .heuristics import ClickBursts, MachineRules, classify_click, classify_open
@@ -241,7 +242,7 @@ class _Server:
 
         def load() -> _MessageInfo | None:
             m = messages.c
-            with self.db.connect() as conn:
+            with connect_for_reading(self.db) as conn:
                 row = conn.execute(
                     select(m.campaign_id, m.contact_id, m.sent_at).where(m.id == message_id)
                 ).first()
@@ -258,7 +259,7 @@ class _Server:
             return cached
 
         def load() -> tuple[int, str] | None:
-            with self.db.connect() as conn:
+            with connect_for_reading(self.db) as conn:
                 row = conn.execute(
                     select(links.c.campaign_id, links.c.url).where(links.c.id == link_id)
                 ).first()

@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..errors import ConfigError, NotFoundError
 from ..messages import parse_address
+from ..storage import connect_for_reading
 from ..storage.schema import campaign_variants, campaigns, links, templates
 from .rewrite import extract_links, is_trackable_url, rewrite_links
 from .tokens import Keyring, load_keyring, sign_token
@@ -210,7 +211,7 @@ def build_tracker(
     ``MAILKIT_BOUNCE_DOMAIN``, then the domain of the campaign's From address.
     """
     c = campaigns.c
-    with db.connect() as conn:
+    with connect_for_reading(db) as conn:
         row = conn.execute(
             select(c.template_id, c.from_addr, c.tracking, c.tracking_base_url).where(
                 c.id == campaign_id
