@@ -3,12 +3,11 @@ take, not the whole ledger."""
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+from lock_support import read_while_locked
 from sqlalchemy import Engine, event, select, update
 from test_dispatch_support import addresses, make_campaign
 
@@ -157,25 +156,15 @@ def test_the_dispatchers_reads_do_not_wait_for_another_writer(sqlite_db: Engine)
     campaign_id = make_campaign(db, addresses(20))
     snapshot_campaign(db, campaign_id)
     [row] = claim_rows(db, campaign_id, new_worker_id(), 1)
-    writer = sqlite3.connect(db.url.database, isolation_level=None)
-    writer.execute("BEGIN IMMEDIATE")
-    writer.execute("UPDATE messages SET state = 'sent' WHERE campaign_id = ?", (campaign_id,))
-    results: list[Any] = []
-
-    def read() -> None:
-        results.append(count_states(db, campaign_id))
-        results.append(count_bounce_sample(db, campaign_id))
-        results.append(fetch_contact_contexts(db, [row.contact_id]))
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout=10)  # with the lock taken, each read waited up to the 30 s busy timeout
-    blocked = reader.is_alive()
-    writer.execute("ROLLBACK")
-    writer.close()
-    reader.join()
-    assert not blocked, "a read waited for another connection's write lock"
-    states, sample, contexts = results
+    states, sample, contexts = read_while_locked(
+        db,
+        lambda: (
+            count_states(db, campaign_id),
+            count_bounce_sample(db, campaign_id),
+            fetch_contact_contexts(db, [row.contact_id]),
+        ),
+        ("UPDATE messages SET state = 'sent' WHERE campaign_id = ?", (campaign_id,)),
+    )
     assert states["queued"] == 20 and states["sent"] == 0  # the uncommitted update is unseen
     assert sample == (0, 0)
     assert contexts[row.contact_id]["email"] == row.email

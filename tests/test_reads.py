@@ -9,12 +9,11 @@ lock (up to the 30 s busy timeout), then held it for as long as it read.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from lock_support import read_while_locked
 from sqlalchemy import Engine
 from test_dispatch_support import addresses, make_campaign
 
@@ -44,19 +43,11 @@ def test_a_read_does_not_wait_for_another_connections_write_lock(
     read = READS[name]
     campaign_id = make_campaign(sqlite_db, addresses(5))
     expected = read(sqlite_db, campaign_id)
-    writer = sqlite3.connect(str(sqlite_db.url.database), isolation_level=None)
-    writer.execute("BEGIN IMMEDIATE")
     # Uncommitted changes the reads must not see.
-    writer.execute("DELETE FROM contact_attributes")
-    writer.execute("UPDATE contacts SET name = 'changed'")
-    results: list[Any] = []
-    reader = threading.Thread(target=lambda: results.append(read(sqlite_db, campaign_id)))
-    reader.daemon = True
-    reader.start()
-    reader.join(timeout=10)
-    blocked = reader.is_alive()
-    writer.execute("ROLLBACK")
-    writer.close()
-    reader.join()
-    assert not blocked, f"{name} waited for another connection's write lock"
-    assert results == [expected]
+    seen = read_while_locked(
+        sqlite_db,
+        lambda: read(sqlite_db, campaign_id),
+        ("DELETE FROM contact_attributes", ()),
+        ("UPDATE contacts SET name = 'changed'", ()),
+    )
+    assert seen == expected

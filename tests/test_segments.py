@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-import sqlite3
-import threading
-
 import pandas as pd
 import pytest
+from lock_support import read_while_locked
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -422,26 +420,16 @@ def test_counting_and_listing_members_do_not_wait_for_a_writer(sqlite_db: Engine
     ids = seed(sqlite_db)
     expression = "prefecture == '東京都'"
     before = count_segment(sqlite_db, expression)
-    writer = sqlite3.connect(str(sqlite_db.url.database), isolation_level=None)
-    writer.execute("BEGIN IMMEDIATE")
-    writer.execute("DELETE FROM contact_attributes WHERE key = 'prefecture'")
-    results: list[object] = []
-
-    def read() -> None:
-        results.append(count_segment(sqlite_db, expression))
-        results.append(len(fetch_members(sqlite_db, expression)))
-        results.append(count_segment(sqlite_db, [ids["a"], ids["b"]]))
-        results.append(load_attribute_names(sqlite_db))
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout=10)  # with the lock taken, each read waited up to the 30 s busy timeout
-    blocked = reader.is_alive()
-    writer.execute("ROLLBACK")
-    writer.close()
-    reader.join()
-    assert not blocked, "a segment read waited for another connection's write lock"
-    count, listed, by_ids, names = results
+    count, listed, by_ids, names = read_while_locked(
+        sqlite_db,
+        lambda: (
+            count_segment(sqlite_db, expression),
+            len(fetch_members(sqlite_db, expression)),
+            count_segment(sqlite_db, [ids["a"], ids["b"]]),
+            load_attribute_names(sqlite_db),
+        ),
+        ("DELETE FROM contact_attributes WHERE key = 'prefecture'", ()),
+    )
     assert count == listed == before == 3  # the uncommitted delete is not seen
     assert by_ids == 2
-    assert "prefecture" in names  # type: ignore[operator]
+    assert "prefecture" in names
