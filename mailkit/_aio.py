@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError
 
-__all__ = ["EVENT_LOOP_ENV", "load_event_loop_name", "new_event_loop", "run_sync"]
+__all__ = ["EVENT_LOOP_ENV", "load_event_loop_name", "run_sync"]
 
 T = TypeVar("T")
 
@@ -48,11 +48,6 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
 
         return uvloop.new_event_loop
     return asyncio.new_event_loop
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """A new event loop of the kind ``load_event_loop_name`` names."""
-    return _loop_factory()()
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
