@@ -1,6 +1,6 @@
 """The SMTP client's own cost: mailkit's connection, pipelined and not, against aiosmtplib.
 
-    .venv/bin/python bench/transport.py [N] [--repeat K]
+    .venv/bin/python bench/transport.py [N] [--repeat K] [--loop uvloop|asyncio]
 
 Two embedded sinks run in their own processes, one offering PIPELINING and one not
 (``Sink(pipelining=False)``). Each contender sends N (default 4,000) pre-built ~8 KB messages,
@@ -13,7 +13,8 @@ one recipient each, over 8 connections:
 It prints, per contender and round, the client's CPU per message (this process), the sink's CPU
 per message (read from /proc) and messages per second; the last line gives the ratio of the
 client CPU of aiosmtplib to mailkit's pipelined connection (best round of each). CPU per
-message is the figure to compare on a shared machine; the rate depends on the load.
+message is the figure to compare on a shared machine; the rate depends on the load. The client
+runs on the event loop mailkit runs on (``--loop``, else ``MAILKIT_EVENT_LOOP``, else uvloop).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from multiprocessing.process import BaseProcess
 
 import aiosmtplib
 
+from mailkit._aio import EVENT_LOOP_ENV, load_event_loop_name, run_sync
 from mailkit.dispatch import SMTPConnection
 from mailkit.sink import Sink
 
@@ -84,7 +86,10 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description="SMTP client CPU per message.")
     parser.add_argument("n", nargs="?", type=int, default=4000, help="messages per run")
     parser.add_argument("--repeat", type=int, default=3, help="rounds")
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), help="the client's event loop")
     args = parser.parse_args(argv)
+    if args.loop:
+        os.environ[EVENT_LOOP_ENV] = args.loop
     ctx = multiprocessing.get_context("spawn")
     sinks: dict[bool, tuple[Connection, BaseProcess, int]] = {}
     for pipelining in (True, False):
@@ -99,8 +104,8 @@ def main(argv: list[str]) -> None:
     ]
     best: dict[str, float] = {}
     print(
-        f"N = {args.n}, {CONNECTIONS} connections, {len(MESSAGE)}-byte message; load "
-        + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        f"N = {args.n}, {CONNECTIONS} connections, {len(MESSAGE)}-byte message, event loop "
+        f"{load_event_loop_name()}; load " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
     )
     try:
         for round_ in range(args.repeat):
@@ -109,7 +114,7 @@ def main(argv: list[str]) -> None:
                 assert process.pid is not None
                 cpu, sink_cpu = time.process_time(), _cpu_seconds(process.pid)
                 start = time.perf_counter()
-                asyncio.run(send(port, args.n))  # type: ignore[arg-type]
+                run_sync(send(port, args.n))  # type: ignore[arg-type]
                 elapsed = time.perf_counter() - start
                 client = (time.process_time() - cpu) / args.n * 1000
                 server = (_cpu_seconds(process.pid) - sink_cpu) / args.n * 1000
