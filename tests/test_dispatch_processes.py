@@ -23,7 +23,7 @@ from mailkit.errors import ConfigError, PreflightError
 from mailkit.sink import FaultPlan, Sink
 from mailkit.storage import open_db
 from mailkit.storage.schema import messages
-from mailkit.templates import save_template
+from mailkit.templates import compile_template, load_template, save_template
 
 SEND_OPTIONS = ("--processes", "2", "--concurrency", "4", "--json")
 
@@ -129,6 +129,36 @@ def test_a_shared_preflight_finds_the_one_bad_recipient_and_sends_nothing(
     assert load_campaign(sqlite_db, campaign.id).status == "draft"
     with sqlite_db.connect() as conn:
         assert conn.execute(select(messages.c.id).limit(1)).first() is None
+
+
+def test_a_proven_template_is_preflighted_here_and_still_finds_a_missing_field(
+    sqlite_db: Engine,
+) -> None:
+    # Only fields printed: proven to render for anyone who has them, so this process checks
+    # the fields itself instead of forking helpers, and renders whoever lacks one.
+    n = 900
+    points: list[str | None] = [str(i) for i in range(n)]
+    points[600] = None
+    frame = pd.DataFrame(
+        {"email": addresses(n), "name": [f"佐藤{i}" for i in range(n)], "points": points}
+    )
+    import_contacts(sqlite_db, frame, list_name="members")
+    save_template(sqlite_db, "pts", subject="{{ name }}様", html="<p>{{ points }} ポイント</p>")
+    assert compile_template(load_template(sqlite_db, "pts")).infallible
+    campaign = create_campaign(
+        sqlite_db,
+        "ポイント",
+        template="pts",
+        segment="list == 'members'",
+        from_addr="news@shop.example.jp",
+    )
+    with Sink() as sink, pytest.raises(PreflightError) as raised:
+        send_campaign(sqlite_db, campaign.id, sink.url, concurrency=4, processes=3)
+    assert [f.email for f in raised.value.failures] == [addresses(n)[600]]
+    assert "'points' is undefined" in raised.value.failures[0].error
+    assert f"for {n} recipients" in str(raised.value)
+    assert sink.count == 0
+    assert load_campaign(sqlite_db, campaign.id).status == "draft"
 
 
 def test_what_cannot_cross_a_fork_is_refused(sqlite_db: Engine) -> None:

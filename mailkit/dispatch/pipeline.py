@@ -178,9 +178,12 @@ def preflight_campaign(
     Variants are assigned when the ledger is snapshotted, so each member must render with
     each of them. With a tracker, ``unsubscribe_url`` is in the context (a placeholder here).
     ``processes`` > 1 shares the rendering with that many forked processes in all (POSIX
-    only; elsewhere it renders here); ``members`` is still read in order, by this process.
+    only; elsewhere it renders here, as it does for proven templates, which it does not
+    render); ``members`` is still read in order, by this process.
     """
-    if processes > 1:
+    # A template proven to render for anyone who has its fields costs a field check per
+    # member (microseconds): forked helpers, and pickling members to them, would cost more.
+    if processes > 1 and not all(t.infallible for t in content.templates.values()):
         from .parallel import preflight_in_processes
 
         failures, checked = preflight_in_processes(content, members, tracker, processes)
