@@ -13,6 +13,7 @@ from mailkit.segments import (
     build_count_statement,
     compile_segment,
     count_segment,
+    fetch_member_records,
     fetch_members,
     load_attribute_names,
     resolve_segment,
@@ -220,6 +221,20 @@ def test_members_dataframe_has_contact_columns_and_one_per_attribute(db: Engine)
     assert b["e-mail flag"] is None
     assert d["gender"] is None and d["age"] is None
     assert list(fetch_members(db, "prefecture == '東京都'", limit=2)["id"]) == [ids["a"], ids["b"]]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 10_000])
+def test_streamed_members_are_the_dataframes_rows(db: Engine, batch: int) -> None:
+    ids = seed(db)
+    expression = "all"
+    streamed = list(fetch_member_records(db, expression, batch=batch))
+    assert streamed == fetch_members(db, expression).to_dict("records")
+    assert [r["id"] for r in streamed] == [ids["a"], ids["b"], ids["c"], ids["d"]]
+    assert all(type(r["id"]) is int for r in streamed)
+    assert streamed[3]["gender"] is None  # missing, as in the DataFrame
+    assert list(fetch_member_records(db, [])) == []
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        next(fetch_member_records(db, "all", batch=0))
 
 
 def test_members_dataframe_without_members_or_attributes(db: Engine) -> None:
