@@ -21,6 +21,7 @@ from mailkit.dispatch import (
     send_campaign,
     send_campaign_test,
 )
+from mailkit.dispatch.trial import DryRun
 from mailkit.dkim import DKIMSigner, DNSRecord, build_dkim_keypair, save_dkim_key
 from mailkit.errors import ConfigError, PreflightError
 from mailkit.sink import Sink
@@ -255,6 +256,22 @@ def test_dry_run_writes_signed_messages_and_touches_nothing(
     assert load_campaign(db, campaign_id).status == "draft"
     with db.connect() as conn:
         assert conn.execute(select(func.count()).select_from(messages)).scalar_one() == 0
+
+    # --limit N: the first N recipients only, before and after the campaign started.
+    def recipients(dry: DryRun) -> list[str]:
+        return [
+            email.message_from_bytes(p.read_bytes(), policy=policy.default)["To"]
+            .addresses[0]
+            .addr_spec
+            for p in dry.files
+        ]
+
+    assert recipients(save_dry_run(db, campaign_id, tmp_path / "two", limit=2)) == emails[:2]
+    snapshot_campaign(db, campaign_id)
+    started = save_dry_run(db, campaign_id, tmp_path / "started", limit=3)
+    assert recipients(started) == emails[:3]
+    with pytest.raises(ValueError, match="limit must be a non-negative int"):
+        save_dry_run(db, campaign_id, tmp_path / "bad", limit=-1)
 
 
 def test_test_send_goes_to_one_address_and_not_into_the_ledger(

@@ -19,6 +19,7 @@ from ..campaigns import load_campaign
 from ..dkim import DKIMSigner
 from ..errors import AddressError, CampaignError, TemplateError
 from ..segments import fetch_members
+from ..storage import connect_for_reading
 from ..storage.schema import messages
 from ..templates import PreflightFailure
 from .ledger import LedgerRow, fetch_contact_contexts
@@ -50,18 +51,22 @@ class DryRun:
         }
 
 
-def _recipients(db: Engine, campaign_id: int, status: str, segment: str) -> list[LedgerRow]:
-    """The ledger's rows once started (with their variants), else the segment's members."""
+def _recipients(
+    db: Engine, campaign_id: int, status: str, segment: str, limit: int | None
+) -> list[LedgerRow]:
+    """The ledger's first ``limit`` rows once started (with their variants), else the
+    segment's first ``limit`` members (all with ``limit`` None)."""
     if status != "draft":
         m = messages.c
-        with db.connect() as conn:
-            rows = conn.execute(
-                select(m.id, m.contact_id, m.email, m.attempts, m.state, m.variant, m.domain)
-                .where(m.campaign_id == campaign_id)
-                .order_by(m.id)
-            ).all()
+        query = (
+            select(m.id, m.contact_id, m.email, m.attempts, m.state, m.variant, m.domain)
+            .where(m.campaign_id == campaign_id)
+            .order_by(m.id)
+        )
+        with connect_for_reading(db) as conn:
+            rows = conn.execute(query if limit is None else query.limit(limit)).all()
         return [LedgerRow(*row) for row in rows]
-    members = fetch_members(db, segment)
+    members = fetch_members(db, segment, limit=limit)
     return [
         LedgerRow(0, int(cid), str(email), 0)
         for cid, email in zip(members["id"], members["email"], strict=True)
@@ -85,9 +90,11 @@ def save_dry_run(
     ledger rows with their variants. Recipients that cannot be rendered are listed in
     ``failures`` instead of raising.
     """
+    if limit is not None and (isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"limit must be a non-negative int or None, not {limit!r}")
     campaign = load_campaign(db, campaign_id)
     factory = prepare_message_factory(db, campaign, dkim=dkim, tracker=tracker)
-    rows = _recipients(db, campaign_id, campaign.status, campaign.segment)[:limit]
+    rows = _recipients(db, campaign_id, campaign.status, campaign.segment, limit)
     contexts = fetch_contact_contexts(db, [r.contact_id for r in rows])
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -123,7 +130,9 @@ async def send_campaign_test_async(
     """
     campaign = load_campaign(db, campaign_id)
     factory = prepare_message_factory(db, campaign, dkim=dkim, tracker=tracker)
-    rows = _recipients(db, campaign_id, campaign.status, campaign.segment)
+    # Without a chosen contact the first recipient will do: no need to read them all.
+    first = 1 if contact is None else None
+    rows = _recipients(db, campaign_id, campaign.status, campaign.segment, first)
     if contact is not None:
         rows = [r for r in rows if contact in (r.contact_id, r.email)]
     if not rows:
