@@ -16,6 +16,9 @@ database (SQLite file / throw-away PostgreSQL schema), measures:
                   bulk-loaded through the driver first, then the engagement
                   summary and the events per minute rebuilt and the tables
                   analysed: untimed)                                       target ≤ 5 s
+  start           start_campaign of a second campaign to everyone: what ``campaign send``
+                  does before its first message (preflight of every member, then the
+                  snapshot), no DKIM                                       no target
   pandas          read_csv of the same file + the segment filter in memory (baseline)
 
 Every step runs in its own subprocess. "peak RSS" is that process's peak resident set size
@@ -302,6 +305,16 @@ def run_step(
                 db, "scale", template="scale", segment="all", from_addr="news@shop.example.jp"
             )
             result = {"ledger": mailkit.snapshot_campaign(db, made.id), "campaign": made.id}
+        elif step == "start":
+            mailkit.save_template(
+                db, "start", subject="{{ name }}様へ", html="<p>{{ prefecture }} {{ name }} 様</p>"
+            )
+            made = mailkit.create_campaign(
+                db, "start", template="start", segment="all", from_addr="news@shop.example.jp"
+            )
+            started, cpu, server = time.perf_counter(), time.process_time(), _server_cpu(db)
+            begun = mailkit.start_campaign(db, made.id, dkim=False)
+            result = {"ledger": begun.preflighted}
         elif step == "dashboard":
             assert campaign is not None
             try:
@@ -456,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
             for step in ("import", "re-import", "segment count", "snapshot"):
                 done = record(step, backend, spawn(step, url, csv_path, None, ev))
             record("dashboard", backend, spawn("dashboard", url, csv_path, done["campaign"], ev))
+            record("start", backend, spawn("start", url, csv_path, None, ev))
         finally:
             drop()
             shutil.rmtree(work, ignore_errors=True)
