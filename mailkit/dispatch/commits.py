@@ -114,27 +114,24 @@ def _insert_ignoring_duplicates(conn: Connection, table: Any, values: dict[str, 
 # ``%(name)s`` is derived from it). Tables and columns are named literally, so the names are
 # checked against the schema at import.
 assert (messages.name, events.name, campaigns.name) == ("messages", "events", "campaigns")
-_MARK = (
+# Rows a mark or an unsent outcome may touch: ours, and not attempted yet.
+_HELD = "lease_owner = :b_owner AND (state = 'queued' OR state = 'deferred')"
+_SET_SENDING = (
     "UPDATE messages SET state = 'sending', attempts = attempts + 1, message_id = :b_mid, "
     "lease_expires_at = :b_expires, updated_at = :b_now "
-    "WHERE id = :b_id AND lease_owner = :b_owner AND (state = 'queued' OR state = 'deferred')"
 )
+_MARK = _SET_SENDING + "WHERE id = :b_id AND " + _HELD
 _MARKED = "SELECT id, message_id, state FROM messages WHERE id = :b_id"
+_SET_OUTCOME = (
+    "UPDATE messages SET state = :b_state, smtp_code = :b_code, smtp_reply = :b_reply, "
+    "next_attempt_at = :b_next, sent_at = coalesce(:b_sent, sent_at), lease_owner = NULL, "
+    "lease_expires_at = NULL, updated_at = :b_now "
+)
 # Only over our own attempt: if the row was recovered as unknown meanwhile, the server's
 # answer is the better truth; if someone re-sent it since, their attempt is not ours.
-_OUTCOME = (
-    "UPDATE messages SET state = :b_state, smtp_code = :b_code, smtp_reply = :b_reply, "
-    "next_attempt_at = :b_next, sent_at = coalesce(:b_sent, sent_at), lease_owner = NULL, "
-    "lease_expires_at = NULL, updated_at = :b_now "
-    "WHERE id = :b_id AND message_id = :b_mid"
-)
+_OUTCOME = _SET_OUTCOME + "WHERE id = :b_id AND message_id = :b_mid"
 # A row never attempted (its message could not be built): only while we hold it.
-_UNSENT = (
-    "UPDATE messages SET state = :b_state, smtp_code = :b_code, smtp_reply = :b_reply, "
-    "next_attempt_at = :b_next, sent_at = coalesce(:b_sent, sent_at), lease_owner = NULL, "
-    "lease_expires_at = NULL, updated_at = :b_now "
-    "WHERE id = :b_id AND lease_owner = :b_owner AND (state = 'queued' OR state = 'deferred')"
-)
+_UNSENT = _SET_OUTCOME + "WHERE id = :b_id AND " + _HELD
 _REVERT = (
     "UPDATE messages SET state = :b_state, attempts = attempts - 1, lease_owner = NULL, "
     "lease_expires_at = NULL, updated_at = :b_now "
