@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import random
 import re
 import secrets
@@ -397,7 +398,8 @@ class MessageSkeleton:
             self._shared,
             ("\r\n".join(_wrap(to_line)) + "\r\n").encode("ascii"),
             _header_line("Subject", rendered.subject),
-            f"Date: {format_datetime(date or utcnow())}\r\nMessage-ID: {message_id}\r\n".encode(),
+            _date_line((date or utcnow()).replace(microsecond=0)),
+            f"Message-ID: {message_id}\r\n".encode(),
         ]
         for field_name, value in (headers or {}).items():
             parts.append(_header_line(*_checked_header(field_name, value)))
@@ -422,6 +424,13 @@ class MessageSkeleton:
             f"\r\n--{boundary}--\r\n".encode("ascii"),
         ]
         return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _date_line(date: datetime) -> bytes:
+    # A campaign sends hundreds of messages within one second, and the Date field shows seconds
+    # only: formatting it once per second saves a noticeable part of building a message.
+    return f"Date: {format_datetime(date)}\r\n".encode()
 
 
 def _checked_header(name: str, value: str) -> tuple[str, str]:

@@ -73,7 +73,8 @@ def signer(rsa_key: DKIMKey, ed_key: DKIMKey) -> DKIMSigner:
 
 @pytest.fixture
 def fixed_time(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Pin dkimpy's t= tag so that two signings can be compared byte for byte."""
+    """Pin dkimpy's t= tag so that its signatures can be compared byte for byte with ours,
+    which are given ``timestamp=FIXED_TIME``."""
     monkeypatch.setattr(dkim, "time", SimpleNamespace(time=lambda: float(FIXED_TIME)))
     yield
 
@@ -229,6 +230,13 @@ def test_lf_line_endings_are_kept(signer: DKIMSigner) -> None:
     assert dkim.verify(signed, dnsfunc=dns_for(*signer.render_dns_records()))
 
 
+def dkimpy_header_list(message: bytes) -> list[bytes]:
+    """The h= list dkimpy would choose with List-Unsubscribe-Post added to its set."""
+    reader = dkim.DKIM(message)
+    reader.should_sign.add(b"list-unsubscribe-post")
+    return [name.lower() for name in reader.default_sign_headers()]
+
+
 def dkimpy_rsa_signature(message: bytes, rsa_key: DKIMKey, h_list: list[bytes]) -> bytes:
     """dkimpy's own (pure-Python) relaxed/relaxed RSA signature header of ``message``."""
     pem = rsa_key.private_key.private_bytes(
@@ -243,6 +251,7 @@ def dkimpy_rsa_signature(message: bytes, rsa_key: DKIMKey, h_list: list[bytes]) 
         pem,
         canonicalize=(b"relaxed", b"relaxed"),
         include_headers=h_list,
+        linesep=dkim.util.get_linesep(message),
     )
     return header
 
@@ -251,10 +260,8 @@ def test_native_signature_is_byte_identical_to_dkimpy(
     signer: DKIMSigner, rsa_key: DKIMKey, ed_key: DKIMKey, fixed_time: None
 ) -> None:
     message = build_campaign_message(subject="【春のセール】全品20%オフ")
-    signed = signer.sign(message)
-    h_list = [
-        h for h in re.sub(rb"\s+", b"", signature_tags(signed)[b"h"]).split(b":")
-    ]  # same header selection, computed independently of our subclass below
+    signed = signer.sign(message, timestamp=FIXED_TIME)
+    h_list = dkimpy_header_list(message)
     seed = ed_key.private_key.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
@@ -522,6 +529,7 @@ def _varied_bodies() -> list[bytes]:
         b"\t\tindented\r\n\r\n \r\n",
         base64.encodebytes(os.urandom(3000)).replace(b"\n", b"\r\n"),
         b"word " * 400 + b"\r\n",  # dense: one pass over the whole body
+        b"a  b \r\n" * 100 + b"\tend\t\r\n\r\n",  # many such lines: the rest in one pass
     ]
     for _ in range(300):
         bodies.append(b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 60))))
@@ -542,8 +550,72 @@ def test_signatures_stay_byte_identical_to_dkimpy_for_varied_bodies(
 ) -> None:
     signer = DKIMSigner(domain=DOMAIN, selector=RSA_SELECTOR, rsa_key=rsa_key)
     head = build_campaign_message().split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
+    h_list = dkimpy_header_list(head)
     for body in _varied_bodies()[:40]:
         message = head + body
-        signed = signer.sign(message)
-        h_list = re.sub(rb"\s+", b"", signature_tags(signed)[b"h"]).split(b":")
+        signed = signer.sign(message, timestamp=FIXED_TIME)
         assert signed == dkimpy_rsa_signature(message, rsa_key, h_list) + message, body
+
+
+def _varied_messages() -> list[bytes]:
+    blocks = [
+        # mixed-case names, runs of spaces and tabs, folded values, a field that occurs twice
+        b"fROM:  Shop \t <news@example.com>  \r\nTo: a@example.org,\r\n\t b@example.org\r\n"
+        b"Subject: \tHello   world \r\nTO: c@example.org\r\nX-Mailer: mk\r\n",
+        # an mbox "From " line, skipped
+        b"From MAILER-DAEMON Mon Apr  1 09:00:00 2025\r\nFrom: news@example.com\r\nSubject: x\r\n",
+        # fields never signed (Return-Path, Received), folded Message-ID, both List- fields
+        b"Return-Path: <b@example.com>\r\nReceived: from x\r\n by y\r\nFrom: news@example.com\r\n"
+        b"Reply-To: r@example.com\r\nMessage-ID:\r\n <abc@example.com>\r\n"
+        b"List-Unsubscribe-Post: List-Unsubscribe=One-Click\r\n"
+        b"List-Unsubscribe: <https://t.example.com/u>\r\n",
+        # two From fields (both signed, plus the extra listing), an empty value, odd name chars
+        b"From: a@example.com\r\nFrom: b@example.com\r\nSubject:\r\nX-Odd_Name!: v\r\n"
+        b"Content-Type: text/plain;\r\n\tcharset=utf-8\r\n",
+    ]
+    messages = []
+    for block in blocks:
+        messages += [
+            block + b"\r\nbody line \r\n\r\n",  # ordinary
+            block,  # no body, no empty line
+            block + b"\r\n",  # empty body
+            (block + b"\r\nbody\r\n").replace(b"\r\n", b"\n"),  # LF line ends
+            block.replace(b"\r\n", b"\n", 1) + b"\r\nmixed\nline ends\r\n",  # both kinds
+        ]
+    return messages
+
+
+@pytest.mark.parametrize("message", _varied_messages())
+def test_signatures_stay_byte_identical_to_dkimpy_for_varied_headers(
+    signer: DKIMSigner, rsa_key: DKIMKey, ed_key: DKIMKey, fixed_time: None, message: bytes
+) -> None:
+    seed = ed_key.private_key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    h_list = dkimpy_header_list(message)
+    pure_ed = dkim.sign(
+        message,
+        ED_SELECTOR.encode(),
+        DOMAIN.encode(),
+        base64.b64encode(seed),
+        canonicalize=(b"relaxed", b"relaxed"),
+        signature_algorithm=b"ed25519-sha256",
+        include_headers=h_list,
+        linesep=dkim.util.get_linesep(message),
+    )
+    expected = dkimpy_rsa_signature(message, rsa_key, h_list) + pure_ed + message
+
+    assert signer.sign(message, timestamp=FIXED_TIME) == expected
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(b" starts folded\r\nFrom: a@example.com\r\n\r\nbody\r\n", id="continuation"),
+        pytest.param(b"From: a@example.com\r\nnot a field\r\n\r\nbody\r\n", id="no-colon"),
+        pytest.param(b"From: a@example.com\r\n: no name\r\n\r\nbody\r\n", id="empty-name"),
+    ],
+)
+def test_malformed_header_block_is_refused(signer: DKIMSigner, message: bytes) -> None:
+    with pytest.raises(dkim.MessageFormatError):
+        signer.sign(message)
