@@ -536,7 +536,7 @@ def _varied_bodies() -> list[bytes]:
         b"\t\tindented\r\n\r\n \r\n",
         base64.encodebytes(os.urandom(3000)).replace(b"\n", b"\r\n"),
         b"word " * 400 + b"\r\n",  # dense: one pass over the whole body
-        b"a  b \r\n" * 100 + b"\tend\t\r\n\r\n",  # many such lines: the rest in one pass
+        b"a  b \r\n" * 100 + b"\tend\t\r\n\r\n",  # many lines with runs of blanks, tabs at both ends
     ]
     for _ in range(300):
         bodies.append(b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 60))))
