@@ -535,7 +535,7 @@ def _varied_bodies() -> list[bytes]:
         b"no final line break  \t",
         b"\t\tindented\r\n\r\n \r\n",
         base64.encodebytes(os.urandom(3000)).replace(b"\n", b"\r\n"),
-        b"word " * 400 + b"\r\n",  # single spaces only: no expression pass needed
+        b"word " * 400 + b"\r\n",  # single spaces, one of them before the line end
         b"a  b \r\n" * 100 + b"\tend\t\r\n\r\n",  # many lines with blank runs, tabs at the ends
     ]
     for _ in range(300):
