@@ -20,6 +20,7 @@ per connection.
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import socket
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, or_, select, update
+from sqlalchemy import Engine, Integer, Select, Update, and_, bindparam, func, or_, select, update
 
 from ..storage.engine import connect_for_reading
 from ..storage.schema import (
@@ -167,6 +168,57 @@ def requeue_unknown(db: Engine, campaign_id: int) -> int:
         )
 
 
+@functools.lru_cache(maxsize=2)
+def _claim_statements(excluding: bool) -> tuple[Select[Any], Select[Any], Update]:
+    """The claim's three statements, built once: with bound parameters (the id and domain lists
+    expanding) they are the same objects on every claim, so SQLAlchemy neither rebuilds them
+    nor recomputes their cache keys; that was most of a claim's CPU (6.6 ms per 64 rows, 0.6 ms
+    of it in SQLite)."""
+    m = messages.c
+    now = bindparam("now", type_=m.lease_expires_at.type)
+    # Not leased by a live worker, not held back by an A/B test that still waits for its
+    # winner, not a domain another sender handles.
+    free = and_(or_(m.lease_owner.is_(None), m.lease_expires_at < now), is_releasable())
+    if excluding:
+        free = and_(
+            free, or_(m.domain.is_(None), m.domain.not_in(bindparam("excluded", expanding=True)))
+        )
+    campaign = m.campaign_id == bindparam("campaign_id")
+    limit = bindparam("limit", type_=Integer)
+    # Queued rows and due retries are looked up separately, each along its own index in the
+    # order it keeps, so that a claim reads about ``limit`` rows however large the ledger:
+    # one query over both states walked the campaign's rows in id order past every sent one
+    # (at 200,000 recipients, 95 % sent: 57 ms per claim on SQLite, 197 ms on PostgreSQL).
+    # PostgreSQL: concurrent claimers skip each other's locked rows instead of queueing on
+    # them. SQLite ignores FOR UPDATE; BEGIN IMMEDIATE already makes this transaction exclusive.
+    # The ids are fetched first: as an IN (subquery) PostgreSQL may re-run the LIMIT subquery
+    # once per outer row and lease far more than ``limit`` rows.
+    queued = (
+        select(m.id)
+        .where(campaign, m.state == "queued", free)
+        .order_by(m.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    retries = (
+        select(m.id)
+        .where(campaign, m.state == "deferred", m.next_attempt_at <= now, free)
+        .order_by(m.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    waiting = or_(m.state == "queued", and_(m.state == "deferred", m.next_attempt_at <= now))
+    # By primary key alone: with the campaign's id in this condition too, SQLite went through
+    # the campaign's index, i.e. through all of its rows.
+    lease = (
+        update(messages)
+        .where(m.id.in_(bindparam("ids", expanding=True)), waiting, free)
+        .values(lease_owner=bindparam("owner"), lease_expires_at=bindparam("expires"))
+        .returning(m.id, m.contact_id, m.email, m.attempts, m.state, m.variant, m.domain)
+    )
+    return queued, retries, lease
+
+
 def claim_rows(
     db: Engine,
     campaign_id: int,
@@ -180,47 +232,22 @@ def claim_rows(
     """Lease up to ``limit`` due rows (queued, or deferred with a passed retry time), oldest
     first, skipping ``exclude_domains``. Rows leased by another live worker are never taken."""
     now = now or utcnow()
-    m = messages.c
-    # Not leased by a live worker, not held back by an A/B test that still waits for its
-    # winner, not a domain another sender handles.
-    free = and_(or_(m.lease_owner.is_(None), m.lease_expires_at < now), is_releasable())
     excluded = sorted(set(exclude_domains))
+    queued, retries, leasing = _claim_statements(bool(excluded))
+    params: dict[str, Any] = {"campaign_id": campaign_id, "now": now, "limit": limit}
     if excluded:
-        free = and_(free, or_(m.domain.is_(None), m.domain.not_in(excluded)))
-    # Queued rows and due retries are looked up separately, each along its own index in the
-    # order it keeps, so that a claim reads about ``limit`` rows however large the ledger:
-    # one query over both states walked the campaign's rows in id order past every sent one
-    # (at 200,000 recipients, 95 % sent: 57 ms per claim on SQLite, 197 ms on PostgreSQL).
-    # PostgreSQL: concurrent claimers skip each other's locked rows instead of queueing on
-    # them. SQLite ignores FOR UPDATE; BEGIN IMMEDIATE already makes this transaction exclusive.
-    # The ids are fetched first: as an IN (subquery) PostgreSQL may re-run the LIMIT subquery
-    # once per outer row and lease far more than ``limit`` rows.
-    queued = (
-        select(m.id).where(m.campaign_id == campaign_id, m.state == "queued", free).order_by(m.id)
-    )
-    retries = (
-        select(m.id)
-        .where(m.campaign_id == campaign_id, m.state == "deferred", m.next_attempt_at <= now, free)
-        .order_by(m.next_attempt_at)
-    )
-    waiting = or_(m.state == "queued", and_(m.state == "deferred", m.next_attempt_at <= now))
+        params["excluded"] = excluded
     with db.begin() as conn:
         found_ids = {
             row_id
             for query in (queued, retries)
-            for row_id in conn.execute(query.limit(limit).with_for_update(skip_locked=True))
-            .scalars()
-            .all()
+            for row_id in conn.execute(query, params).scalars().all()
         }
         if not found_ids:
             return []
-        # By primary key alone: with the campaign's id in this condition too, SQLite went
-        # through the campaign's index, i.e. through all of its rows.
         rows = conn.execute(
-            update(messages)
-            .where(m.id.in_(sorted(found_ids)[:limit]), waiting, free)
-            .values(lease_owner=owner, lease_expires_at=now + lease)
-            .returning(m.id, m.contact_id, m.email, m.attempts, m.state, m.variant, m.domain)
+            leasing,
+            {**params, "ids": sorted(found_ids)[:limit], "owner": owner, "expires": now + lease},
         ).all()
     found = [
         LedgerRow(r.id, r.contact_id, r.email, r.attempts, r.state, r.variant, r.domain)
@@ -324,6 +351,14 @@ def finish_if_done(db: Engine, campaign_id: int, *, now: datetime | None = None)
         return True
 
 
+_CONTACT_FIELDS = select(contacts.c.id, contacts.c.email, contacts.c.name, contacts.c.domain).where(
+    contacts.c.id.in_(bindparam("ids", expanding=True))
+)
+_CONTACT_ATTRIBUTES = select(
+    contact_attributes.c.contact_id, contact_attributes.c.key, contact_attributes.c.value
+).where(contact_attributes.c.contact_id.in_(bindparam("ids", expanding=True)))
+
+
 def fetch_contact_contexts(db: Engine, contact_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
     """Contact fields and attributes of the given contacts, keyed by id, for rendering."""
     ids = list(contact_ids)
@@ -332,18 +367,8 @@ def fetch_contact_contexts(db: Engine, contact_ids: Iterable[int]) -> dict[int, 
     with connect_for_reading(db) as conn:
         found: dict[int, dict[str, Any]] = {
             r.id: {"id": r.id, "email": r.email, "name": r.name, "domain": r.domain}
-            for r in conn.execute(
-                select(contacts.c.id, contacts.c.email, contacts.c.name, contacts.c.domain).where(
-                    contacts.c.id.in_(ids)
-                )
-            )
+            for r in conn.execute(_CONTACT_FIELDS, {"ids": ids})
         }
-        for cid, key, value in conn.execute(
-            select(
-                contact_attributes.c.contact_id,
-                contact_attributes.c.key,
-                contact_attributes.c.value,
-            ).where(contact_attributes.c.contact_id.in_(ids))
-        ):
+        for cid, key, value in conn.execute(_CONTACT_ATTRIBUTES, {"ids": ids}):
             found[cid].setdefault(key, value)
     return found
