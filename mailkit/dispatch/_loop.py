@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Engine, select
 
 from ..errors import AddressError, SMTPDeliveryError, TemplateError
 from ..scheduling import SendingWindow, format_local
 from ..storage.engine import connect_for_reading
 from ..storage.schema import campaigns
 from .commits import (
-    AppliedOps,
     LedgerOp,
     MarkSending,
     RecordOutcome,
@@ -348,7 +347,6 @@ class LedgerWriter:
         self._waiters: list[tuple[int, asyncio.Future[bool]]] = []
         self._wake = asyncio.Event()
         self._closed = False
-        self._conn: Connection | None = None  # opened by the first commit, kept until the end
 
     def submit(self, *ops: LedgerOp) -> None:
         """Queue ops for the next commit without waiting for it."""
@@ -363,14 +361,6 @@ class LedgerWriter:
         return await future
 
     async def run(self) -> None:
-        try:
-            await self._commit_until_closed()
-        finally:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    async def _commit_until_closed(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -392,15 +382,6 @@ class LedgerWriter:
         self._closed = True
         self._wake.set()
 
-    def _commit(self, ops: list[LedgerOp], now: datetime) -> AppliedOps:
-        # In the executor's thread; commits never overlap, so one connection serves them all.
-        run = self._run
-        if self._conn is None:
-            self._conn = run.db.connect()
-        return apply_ledger_ops(
-            self._conn, run.campaign_id, run.owner, ops, now=now, lease=run.lease
-        )
-
     async def flush(self) -> None:
         ops, waiters = self._ops, self._waiters
         if not ops:
@@ -411,7 +392,15 @@ class LedgerWriter:
             # In a thread: the event loop keeps rendering, signing and talking SMTP while the
             # database commits (or, with several senders on one SQLite file, waits for the
             # write lock). Workers whose marks are in this group wait for it all the same.
-            applied = await asyncio.to_thread(self._commit, ops, run.clock.now())
+            applied = await asyncio.to_thread(
+                apply_ledger_ops,
+                run.db,
+                run.campaign_id,
+                run.owner,
+                ops,
+                now=run.clock.now(),
+                lease=run.lease,
+            )
         except BaseException as exc:
             run.fail(exc)
             for _, future in waiters:
