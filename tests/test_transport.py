@@ -215,6 +215,121 @@ def test_connection_cut_in_the_middle_of_the_data_is_a_defer() -> None:
         assert [e.rcpt_tos for e in sink.envelopes()] == [("ok@example.com",)]
 
 
+# -- before_end: the final dot waits for the caller (the ledger's mark) ---------------------------
+
+
+def test_before_end_holds_the_final_dot_until_it_resolves() -> None:
+    seen: list[int] = []
+
+    async def scenario(sink: Sink) -> list[Outcome]:
+        loop = asyncio.get_running_loop()
+
+        async def agree_later(gate: asyncio.Future[bool]) -> None:
+            await asyncio.sleep(0.05)  # ample time for a dot to arrive, were it sent
+            seen.append(sink.count)
+            gate.set_result(True)
+
+        async with SMTPConnection(sink.url) as conn:
+            outcomes = []
+            for to in ("a@example.com", "gone@example.com"):
+                gate: asyncio.Future[bool] = loop.create_future()
+                agreeing = asyncio.create_task(agree_later(gate))
+                outcomes.append(await conn.send(SENDER, to, build_message(to), before_end=gate))
+                await agreeing
+            return outcomes
+
+    with Sink(rcpt_replies={"gone@example.com": "550 5.1.1 user unknown"}) as sink:
+        first, refused = run(scenario(sink))
+        assert first.kind == "sent" and refused.kind == "bounce"
+        # The server had the data but not its end until the gate opened; a refusal at RCPT
+        # did not wait for the gate.
+        assert seen == [0, 1]
+        assert refused.stage == "rcpt"
+        assert [e.rcpt_tos for e in sink.envelopes()] == [("a@example.com",)]
+
+
+def test_an_open_gate_sends_the_message_in_one_go() -> None:
+    async def scenario(url: str) -> Outcome:
+        gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        gate.set_result(True)
+        async with SMTPConnection(url) as conn:
+            return await conn.send(
+                SENDER, "a@example.com", build_message("a@example.com"), before_end=gate
+            )
+
+    with Sink() as sink:
+        assert run(scenario(sink.url)).kind == "sent"
+        assert sink.count == 1
+
+
+def _resolved(value: bool | BaseException) -> asyncio.Future[bool]:
+    gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    if isinstance(value, BaseException):
+        gate.set_exception(value)
+    else:
+        gate.set_result(value)
+    return gate
+
+
+def test_before_end_saying_no_withholds_the_message_and_the_server_discards_it() -> None:
+    async def scenario(url: str) -> list[Outcome]:
+        async with SMTPConnection(url) as conn:
+            held = await conn.send(
+                SENDER, "x@example.com", build_message("x@example.com"), before_end=_resolved(False)
+            )
+            assert not conn.is_open  # dropped mid-data: the only way to abandon a DATA
+            after = await conn.send(SENDER, "y@example.com", build_message("y@example.com"))
+            return [held, after]
+
+    with Sink() as sink:
+        held, after = run(scenario(sink.url))
+        assert (held.kind, held.code, held.stage) == ("withheld", None, "data")
+        assert after.kind == "sent"  # reconnected
+        assert [e.rcpt_tos for e in sink.envelopes()] == [("y@example.com",)]
+
+
+def test_before_end_raising_drops_the_connection_and_propagates() -> None:
+    async def scenario(url: str) -> Outcome:
+        async with SMTPConnection(url) as conn:
+            broken = _resolved(RuntimeError("the ledger commit failed"))
+            with pytest.raises(RuntimeError, match="ledger commit failed"):
+                await conn.send(
+                    SENDER, "x@example.com", build_message("x@example.com"), before_end=broken
+                )
+            assert not conn.is_open
+            return await conn.send(SENDER, "y@example.com", build_message("y@example.com"))
+
+    with Sink() as sink:
+        assert run(scenario(sink.url)).kind == "sent"
+        assert [e.rcpt_tos for e in sink.envelopes()] == [("y@example.com",)]
+
+
+def test_connection_lost_while_the_end_is_held_back_is_a_defer() -> None:
+    # The server cuts the connection while the client waits to send the final dot: the dot
+    # never left, so the message provably did not arrive and may be retried (not "unknown").
+    async def scenario(url: str) -> Outcome:
+        gate: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        async with SMTPConnection(url) as conn:
+
+            async def open_after_the_cut() -> None:
+                for _ in range(500):  # bounded: until the client has seen the reset
+                    if not conn.is_open:
+                        break
+                    await asyncio.sleep(0.01)
+                gate.set_result(True)
+
+            opening = asyncio.create_task(open_after_the_cut())
+            to = "cut@example.com"
+            outcome = await conn.send(SENDER, to, build_message(to), before_end=gate)
+            await opening
+            return outcome
+
+    with Sink(faults=FaultPlan(drop_mid_data={"cut@example.com"})) as sink:
+        cut = run(scenario(sink.url))
+        assert (cut.kind, cut.code, cut.stage) == ("defer", None, "data")
+        assert sink.count == 0
+
+
 async def send_all_bytes(url: str, items: list[tuple[str, bytes | None]]) -> list[Outcome]:
     async with SMTPConnection(url) as conn:
         return [await conn.send(SENDER, r, data or build_message(r)) for r, data in items]

@@ -4,8 +4,15 @@
 run's dispatcher, which claims them from the ledger in batches and hands out only rows whose
 recipient domain may be sent to now (pacing). Every ledger change goes through the writer,
 which commits whatever the workers submitted since its last commit in one transaction: a
-worker's outcome and its next ``sending`` mark land in the same or consecutive commits, and a
-worker waits for its mark to be committed before it starts the SMTP transaction.
+worker's outcome and its next ``sending`` mark land in the same or consecutive commits.
+
+A worker submits its row's mark and starts the SMTP transaction at once, but sends the data's
+final dot, after which the server may deliver, only once the mark is committed: the commit
+overlaps the envelope's round trip instead of preceding it. If the mark is refused (the lease
+ran out and another worker has the row) or the run is stopping, the connection is dropped
+before the dot and the server discards the message. A crash before the commit leaves the row
+claimed (it is sent again after its lease), after it ``sending`` (``unknown`` on resume), as
+before: nothing the server may have delivered is ever unrecorded.
 """
 
 from __future__ import annotations
@@ -353,12 +360,13 @@ class LedgerWriter:
         self._ops.extend(ops)
         self._wake.set()
 
-    async def mark(self, outgoing: Outgoing) -> bool:
-        """Commit ``outgoing``'s row as ``sending`` (with everything queued before it)."""
+    def mark(self, outgoing: Outgoing) -> asyncio.Future[bool]:
+        """Queue ``outgoing``'s row as ``sending`` for the next commit; the future says, once
+        it is committed, whether the mark took (False: our lease on the row ran out)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append((len(self._ops), future))
         self.submit(MarkSending(outgoing.row.id, outgoing.message_id))
-        return await future
+        return future
 
     async def run(self) -> None:
         while True:
@@ -464,20 +472,44 @@ async def _attempt(run: Run, connection: SMTPConnection, row: LedgerRow) -> bool
     if run.stopping:
         run.give_back(row)
         return False
-    if not await writer.mark(outgoing):
-        return False  # our lease on it ran out and another worker has it now
-    if run.stopping:
-        # Paused (or stopped) in the commit that marked it: it never went out.
-        writer.submit(RevertSending(row.id, outgoing.message_id, row.state))
-        return False
-    run.attempted += 1
+    marked = writer.mark(outgoing)
     try:
-        outcome = await connection.send(outgoing.envelope_from, row.email, outgoing.data)
+        outcome = await connection.send(
+            outgoing.envelope_from, row.email, outgoing.data, before_end=_cleared(run, marked)
+        )
     except SMTPDeliveryError:
-        writer.submit(RevertSending(row.id, outgoing.message_id, row.state))
+        if await marked:
+            writer.submit(RevertSending(row.id, outgoing.message_id, row.state))
         raise
+    # Ops about this row go after its mark's commit: a group holds one op per row.
+    if not await marked:
+        # Our lease on it ran out and another worker has it now. Whatever the server said,
+        # nothing of ours was delivered: the dot needed the mark.
+        return outcome.kind == "withheld" or outcome.closes_connection
+    if outcome.kind == "withheld":
+        writer.submit(RevertSending(row.id, outgoing.message_id, row.state))
+        return True
+    run.attempted += 1
     writer.submit(*decide(run, outgoing, outcome))
     return outcome.closes_connection or outcome.kind in ("defer", "unknown")
+
+
+def _cleared(run: Run, marked: asyncio.Future[bool]) -> asyncio.Future[bool]:
+    """True once the mark is committed and the run goes on; False when the mark was refused
+    or its commit failed (the worker learns which from ``marked``), or the run is stopping:
+    paused or stopped in the commit that marked it, the message is withheld."""
+    cleared: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def settle(done: asyncio.Future[bool]) -> None:
+        if not cleared.done():
+            ok = not done.cancelled() and done.exception() is None and done.result()
+            cleared.set_result(ok and not run.stopping)
+
+    if marked.done():
+        settle(marked)
+    else:
+        marked.add_done_callback(settle)
+    return cleared
 
 
 def decide(run: Run, outgoing: Outgoing, outcome: Outcome) -> list[LedgerOp]:

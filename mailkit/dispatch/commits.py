@@ -1,8 +1,9 @@
 """The ledger's hot path: ``sending`` marks and SMTP outcomes, committed in groups.
 
 A worker's outcome and its next mark are committed together (or the outcome first), and a
-worker waits for its mark to be committed before its SMTP transaction starts, so a worker never
-has more than one row ``sending``: after a crash, at most one ``unknown`` row per connection.
+worker sends its message's final dot only once its mark is committed, so a worker never has
+more than one row ``sending`` and nothing the server may have delivered is unrecorded: after a
+crash, at most one ``unknown`` row per connection.
 
 The frequent statements (marks, outcomes, reverts, ``sent`` events and the status read) go to
 the DBAPI connection under the group's SQLAlchemy transaction, as plain SQL with the values
@@ -194,7 +195,7 @@ def apply_ledger_ops(
 
     A ``MarkSending`` is accepted only if ``owner`` still holds the row's lease and the row is
     queued or deferred; the caller must not send a row whose mark was refused. A group holds
-    at most one op per row (a worker waits for its mark before it sends), so ops of one kind
+    at most one op per row (a worker waits for its mark before it records more), so ops of one kind
     are applied together. The campaign's status is read in the same transaction, so a running
     sender notices a pause at its next commit.
     """

@@ -11,6 +11,8 @@ an ``Outcome`` the caller records in the ledger:
     fail     a permanent failure of this message that says nothing about the address
     unknown  the connection ended after the whole message was sent but before the server
              replied: it may have been delivered, so retrying could duplicate it
+    withheld the caller's ``before_end`` said no: the final dot was never sent and the
+             connection was dropped, so the server discarded the message (RFC 5321 4.1.1.4)
     stop     an authentication or policy refusal (5.7.x, 530, 535): every further message
              would fail the same way, so stop the campaign and fix the cause
 
@@ -61,7 +63,7 @@ __all__ = [
 ]
 
 Security = Literal["none", "starttls", "tls"]
-OutcomeKind = Literal["sent", "bounce", "defer", "fail", "unknown", "stop"]
+OutcomeKind = Literal["sent", "bounce", "defer", "fail", "unknown", "stop", "withheld"]
 Stage = Literal["connect", "mail", "rcpt", "data", "data_end"]
 
 DEFAULT_TIMEOUT = 30.0
@@ -385,11 +387,23 @@ class SMTPConnection:
             if smtp is not None:
                 smtp.close()
 
-    async def send(self, sender: str, recipient: str, message: bytes) -> Outcome:
+    async def send(
+        self,
+        sender: str,
+        recipient: str,
+        message: bytes,
+        *,
+        before_end: asyncio.Future[bool] | None = None,
+    ) -> Outcome:
         """Send ``message`` to one recipient and say what happened.
 
         Per-message problems are an ``Outcome``; a server that cannot be used at all (refused
         connection, TLS or login failure) raises ``SMTPDeliveryError``.
+
+        ``before_end`` holds back the data's final dot, before which a server delivers
+        nothing, until it resolves: on True the dot follows; on False (or an exception, which
+        propagates) the connection is dropped instead, the server discards the message, and
+        the outcome is ``withheld``. A transaction refused before the data does not wait for it.
         """
         for address in (sender, recipient):
             if any(ch in address for ch in "\r\n\0"):
@@ -411,7 +425,7 @@ class SMTPConnection:
                 outcome, _ = await self._envelope(sender, recipient, message)
             if outcome is not None:
                 return outcome
-            return await self._data(message)
+            return await self._data(message, before_end)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -627,28 +641,53 @@ class SMTPConnection:
             pass
         self._drop()
 
-    async def _data(self, message: bytes) -> Outcome:
+    async def _data(self, message: bytes, before_end: asyncio.Future[bool] | None) -> Outcome:
         """The message after the server's 354, and its final reply."""
         wire = self._wire
         assert wire is not None
-        # From here on the server may have the whole message: anything but a reply is
-        # "unknown", never "defer".
         body = _wire_body(message)
+        # The final "." is held back while the caller has not agreed yet, and for a large
+        # message until the rest has left our buffers: a server that dropped the connection
+        # mid-data then provably never saw the end of it, so the message is retried rather
+        # than left unknown. A small one goes in one write otherwise; holding its dot back
+        # would only cost a system call, as the transport takes it whole without a turn of the
+        # event loop in between.
+        held = before_end is not None and not _is_open(before_end)
         try:
-            # A large message's final "." is held back until the rest has left our buffers: a
-            # server that dropped the connection mid-data then provably never saw the end of
-            # it, so the message is retried rather than left unknown. A small one goes in one
-            # write; holding its dot back would only cost a system call, as the transport
-            # takes it whole without a turn of the event loop in between.
-            if len(body) > _HOLD_BACK_ABOVE:
+            if held or len(body) > _HOLD_BACK_ABOVE:
                 wire.write(body[:-3])
-                await wire.drain()
+                if len(body) > _HOLD_BACK_ABOVE:
+                    await wire.drain()
                 body = body[-3:]
         except (SMTPException, OSError) as exc:
             self._drop()
             return _lost("data", exc)
+        if held:
+            assert before_end is not None
+            try:
+                go = await before_end
+            except BaseException:
+                self._drop()
+                raise
+            if not go:
+                self._drop()
+                return Outcome(
+                    "withheld",
+                    None,
+                    "the end of the data was withheld and the connection dropped: the server "
+                    "discarded the message",
+                    "data",
+                )
         try:
+            # Wire.write raises before writing anything on a lost connection: the server then
+            # never saw the end of the data.
             wire.write(body)
+        except (SMTPException, OSError) as exc:
+            self._drop()
+            return _lost("data", exc)
+        # From here on the server may have the whole message: anything but a reply is
+        # "unknown", never "defer".
+        try:
             final = await wire.read_reply(self.target.data_timeout)
         except (SMTPException, OSError) as exc:
             self._drop()
@@ -657,6 +696,10 @@ class SMTPConnection:
         if outcome.closes_connection:
             self._drop()
         return outcome
+
+
+def _is_open(gate: asyncio.Future[bool]) -> bool:
+    return gate.done() and not gate.cancelled() and gate.exception() is None and gate.result()
 
 
 def _path(address: str, encoding: str) -> bytes:
