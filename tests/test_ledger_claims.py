@@ -3,15 +3,18 @@ take, not the whole ledger."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from lock_support import read_while_locked
 from sqlalchemy import Engine, event, select, update
 from test_dispatch_support import addresses, make_campaign
 
 from mailkit.campaigns import snapshot_campaign
+from mailkit.dispatch.commits import MarkSending, apply_ledger_ops
 from mailkit.dispatch.ledger import (
     claim_rows,
     count_bounce_sample,
@@ -20,6 +23,7 @@ from mailkit.dispatch.ledger import (
     new_worker_id,
     recover_stale_rows,
 )
+from mailkit.storage import WriteLockBusy
 from mailkit.storage.schema import messages, utcnow
 
 
@@ -169,3 +173,26 @@ def test_the_dispatchers_reads_do_not_wait_for_another_writer(sqlite_db: Engine)
     assert sample == (0, 0)
     assert contexts[row.contact_id]["email"] == row.email
     db.dispose()
+
+
+def test_a_commit_that_may_not_wait_applies_nothing_while_another_sender_writes(
+    sqlite_db: Engine,
+) -> None:
+    campaign_id = make_campaign(sqlite_db, addresses(3))
+    snapshot_campaign(sqlite_db, campaign_id)
+    owner = new_worker_id()
+    rows = claim_rows(sqlite_db, campaign_id, owner, 3, now=utcnow())
+    marks = [MarkSending(row.id, f"<{row.id}@example.jp>") for row in rows]
+    other = sqlite3.connect(str(sqlite_db.url.database), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(WriteLockBusy):
+            apply_ledger_ops(sqlite_db, campaign_id, owner, marks, wait=False)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert count_states(sqlite_db, campaign_id)["queued"] == 3  # nothing applied
+    applied = apply_ledger_ops(sqlite_db, campaign_id, owner, marks, wait=False)
+    assert applied.accepted == (True, True, True)
+    assert count_states(sqlite_db, campaign_id)["sending"] == 3
+    sqlite_db.dispose()

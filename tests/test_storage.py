@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import sqlite3
+import time
+
+import pytest
 from sqlalchemy import Engine, inspect, text
 
-from mailkit.storage import open_db, schema_revision
+from mailkit.storage import WriteLockBusy, begin_without_waiting, open_db, schema_revision
 from mailkit.storage.schema import metadata
 
 
@@ -36,3 +40,31 @@ def test_the_migrated_schema_matches_the_declared_one(db: Engine) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     # Server defaults are migration-only (the schema declares Python-side defaults).
     assert diff == []
+
+
+def test_begin_without_waiting_refuses_at_once_while_another_connection_writes(
+    sqlite_db: Engine,
+) -> None:
+    other = sqlite3.connect(str(sqlite_db.url.database), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(WriteLockBusy), begin_without_waiting(sqlite_db) as conn:
+            conn.execute(text("DELETE FROM contacts"))
+        # Refused by SQLite itself, not after its 30 s busy timeout ran out.
+        assert time.monotonic() - started < 10
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    with begin_without_waiting(sqlite_db) as conn:
+        conn.execute(text("CREATE TABLE scratch (x INTEGER)"))
+    # The pooled connection waits for the lock again, as every other write does.
+    with sqlite_db.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30_000
+    assert "scratch" in inspect(sqlite_db).get_table_names()
+
+
+def test_begin_without_waiting_is_a_plain_transaction_elsewhere(db: Engine) -> None:
+    with begin_without_waiting(db) as conn:
+        conn.execute(text("CREATE TABLE scratch_plain (x INTEGER)"))
+    assert "scratch_plain" in inspect(db).get_table_names()

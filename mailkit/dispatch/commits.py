@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import Connection, Dialect, Engine, insert
 from sqlalchemy.dialects import postgresql, sqlite
 
+from ..storage.engine import begin_without_waiting
 from ..storage.schema import campaigns, events, messages, suppressions, utcnow
 from .ledger import DEFAULT_LEASE, LedgerRow
 from .pacing import save_slowdown
@@ -190,8 +191,12 @@ def apply_ledger_ops(
     *,
     now: datetime | None = None,
     lease: timedelta = DEFAULT_LEASE,
+    wait: bool = True,
 ) -> AppliedOps:
     """Apply marks, outcomes and reverts in one transaction.
+
+    ``wait=False``: on SQLite, raise ``WriteLockBusy`` at once, having applied nothing, while
+    another connection holds the write lock (see ``begin_without_waiting``).
 
     A ``MarkSending`` is accepted only if ``owner`` still holds the row's lease and the row is
     queued or deferred; the caller must not send a row whose mark was refused. A group holds
@@ -200,7 +205,7 @@ def apply_ledger_ops(
     sender notices a pause at its next commit.
     """
     now = now or utcnow()
-    with db.begin() as conn:
+    with db.begin() if wait else begin_without_waiting(db) as conn:
         driver = _driver_for(conn.dialect)
         return _apply(conn, driver, campaign_id, owner, ops, now, lease)
 

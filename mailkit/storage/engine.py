@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,8 @@ from ..config import load_settings
 from ..errors import ConfigError, StorageError
 
 __all__ = [
+    "WriteLockBusy",
+    "begin_without_waiting",
     "connect_for_reading",
     "create_db_engine",
     "migrate_db",
@@ -35,7 +40,7 @@ def create_db_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"timeout": 30})
+        engine = create_engine(parsed, connect_args={"timeout": _BUSY_TIMEOUT_MS / 1000})
         event.listen(engine, "connect", _sqlite_pragmas)
         # pysqlite's own transaction handling defers BEGIN; take it over so that writes
         # take the lock at BEGIN (IMMEDIATE) and two writers cannot deadlock on upgrade.
@@ -50,9 +55,54 @@ def create_db_engine(url: str) -> Engine:
 READ_ONLY_OPTION = "mailkit_read_only"
 
 
+#: Execution option of a write connection that must not wait for SQLite's write lock.
+NO_WAIT_OPTION = "mailkit_no_wait"
+_BUSY_TIMEOUT_MS = 30_000
+
+
+class WriteLockBusy(StorageError):
+    """Another connection holds SQLite's write lock (``begin_without_waiting``)."""
+
+
 def _sqlite_begin(conn: Connection) -> None:
-    read_only = conn.get_execution_options().get(READ_ONLY_OPTION, False)
+    options = conn.get_execution_options()
+    if options.get(NO_WAIT_OPTION, False):
+        _begin_immediate_without_waiting(conn.connection.dbapi_connection)
+        return
+    read_only = options.get(READ_ONLY_OPTION, False)
     conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _begin_immediate_without_waiting(dbapi_conn: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.execute("PRAGMA busy_timeout=0")
+        try:
+            cursor.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                raise WriteLockBusy("another connection holds the write lock") from exc
+            raise
+        finally:
+            cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+    finally:
+        cursor.close()
+
+
+@contextlib.contextmanager
+def begin_without_waiting(engine: Engine) -> Iterator[Connection]:
+    """A write transaction, like ``engine.begin()``, that on SQLite does not wait for the
+    write lock: while another connection holds it, this raises ``WriteLockBusy`` at once and
+    nothing is done. Other databases have no database-wide write lock: a plain transaction.
+    """
+    if engine.dialect.name != "sqlite":
+        with engine.begin() as conn:
+            yield conn
+        return
+    with engine.connect() as conn:
+        conn = conn.execution_options(**{NO_WAIT_OPTION: True})
+        with conn.begin():
+            yield conn
 
 
 def connect_for_reading(engine: Engine) -> Connection:
@@ -70,7 +120,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
     cur.close()
 
 
