@@ -282,6 +282,29 @@ SKELETON_CASES = [
 ]
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ascii\rbare CR\x0bvertical tab\x0cform feed\x1cfile sep\r\nCRLF\nLF",
+        "mostly ascii, one é\rbare CR\x0b\x0c\x85NEL\u2028LS\u2029PS\r\n" * 20,
+        "日本語\rの\x0bテキスト\x0c\u2028改行\r\n",
+    ],
+    ids=["7bit", "quoted-printable", "base64"],
+)
+def test_skeleton_bytes_use_crlf_only_whatever_the_line_breaks(text: str) -> None:
+    # The transport relies on it (SMTPConnection.send(crlf=True) skips the check).
+    from mailkit.messages import build_skeleton
+
+    skeleton = build_skeleton(from_addr="news@example.jp", reply_to=None)
+    raw = skeleton.build(
+        _rendered(text=text, html="<p>" + text + "</p>"),
+        to_addr="b@x.jp",
+        message_id="<a.1@example.jp>",
+    )
+    rest = raw.replace(b"\r\n", b"")
+    assert b"\n" not in rest and b"\r" not in rest
+
+
 @pytest.mark.parametrize(("subject", "name", "html", "text"), SKELETON_CASES)
 def test_skeleton_reads_the_same_as_build_message(
     subject: str, name: str | None, html: str, text: str

@@ -119,6 +119,28 @@ def test_body_survives_dot_stuffing_bare_newlines_and_8bit_utf8() -> None:
         assert sink.messages()[0]["Subject"] == "春のお知らせ"
 
 
+@pytest.mark.parametrize("gate", [None, True], ids=["one-write", "end-held-back"])
+def test_a_crlf_message_is_dot_stuffed_without_the_line_end_check(gate: bool | None) -> None:
+    msg = EmailMessage()
+    msg["From"] = "news@example.com"
+    msg["To"] = "a@example.jp"
+    msg.set_content(".starts with a dot\n..two dots\n.\nlast line without a break", cte="8bit")
+    raw = msg.as_bytes(policy=SMTP).rstrip(b"\r\n")  # CRLF, no final line break
+
+    async def scenario(url: str) -> Outcome:
+        before_end = None
+        if gate is not None:
+            before_end = asyncio.get_running_loop().create_future()
+            before_end.set_result(gate)
+        async with SMTPConnection(url) as conn:
+            return await conn.send(SENDER, "a@example.jp", raw, before_end=before_end, crlf=True)
+
+    with Sink() as sink:
+        assert run(scenario(sink.url)).kind == "sent"
+        (received,) = sink.envelopes()
+        assert received.data == raw + b"\r\n"  # the server removed the stuffing
+
+
 def test_rcpt_replies_classify_and_the_connection_keeps_working() -> None:
     replies = {
         "unknown@example.com": "550 5.1.1 <unknown@example.com>: user unknown",

@@ -494,7 +494,11 @@ async def _attempt(run: Run, connection: SMTPConnection, row: LedgerRow) -> bool
     marked = writer.mark(outgoing)
     try:
         outcome = await connection.send(
-            outgoing.envelope_from, row.email, outgoing.data, before_end=_cleared(run, marked)
+            outgoing.envelope_from,
+            row.email,
+            outgoing.data,
+            before_end=_cleared(run, marked),
+            crlf=True,
         )
     except SMTPDeliveryError:
         if await marked:

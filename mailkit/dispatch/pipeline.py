@@ -241,7 +241,7 @@ class Outgoing:
     row: LedgerRow
     message_id: str
     envelope_from: str
-    data: bytes
+    data: bytes  # signed, with CRLF line ends only
 
 
 @dataclass(frozen=True)

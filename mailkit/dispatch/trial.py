@@ -146,7 +146,7 @@ async def send_campaign_test_async(
     row = LedgerRow(0, sample.contact_id, to_addr, 0, variant=sample.variant)
     outgoing = factory.build(row, context, subject_prefix="[TEST] ")
     async with SMTPConnection(parse_smtp_url(smtp_url)) as connection:
-        return await connection.send(outgoing.envelope_from, to_addr, outgoing.data)
+        return await connection.send(outgoing.envelope_from, to_addr, outgoing.data, crlf=True)
 
 
 def send_campaign_test(
