@@ -346,13 +346,33 @@ class Run:
             )
 
 
+@dataclass(frozen=True)
+class Marked:
+    """A ``sending`` mark, once its group is committed: ``taken`` says whether it took (False:
+    our lease on the row ran out and another worker has it; an exception: the commit failed);
+    ``cleared`` whether the message may be sent: taken, and the run not stopping (paused or
+    stopped in that commit). ``cleared`` never raises."""
+
+    taken: asyncio.Future[bool]
+    cleared: asyncio.Future[bool]
+
+    def settle(self, taken: bool | BaseException, cleared: bool) -> None:
+        if not self.taken.done():
+            if isinstance(taken, BaseException):
+                self.taken.set_exception(taken)
+            else:
+                self.taken.set_result(taken)
+        if not self.cleared.done():
+            self.cleared.set_result(cleared)
+
+
 class LedgerWriter:
     """Commits the workers' ledger changes in groups, in submission order."""
 
     def __init__(self, run: Run) -> None:
         self._run = run
         self._ops: list[LedgerOp] = []
-        self._waiters: list[tuple[int, asyncio.Future[bool]]] = []
+        self._waiters: list[tuple[int, Marked]] = []
         self._wake = asyncio.Event()
         self._closed = False
         self._on_loop = run.db.dialect.name == "sqlite"
@@ -362,13 +382,13 @@ class LedgerWriter:
         self._ops.extend(ops)
         self._wake.set()
 
-    def mark(self, outgoing: Outgoing) -> asyncio.Future[bool]:
-        """Queue ``outgoing``'s row as ``sending`` for the next commit; the future says, once
-        it is committed, whether the mark took (False: our lease on the row ran out)."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._waiters.append((len(self._ops), future))
+    def mark(self, outgoing: Outgoing) -> Marked:
+        """Queue ``outgoing``'s row as ``sending`` for the next commit (see ``Marked``)."""
+        loop = asyncio.get_running_loop()
+        marked = Marked(loop.create_future(), loop.create_future())
+        self._waiters.append((len(self._ops), marked))
         self.submit(MarkSending(outgoing.row.id, outgoing.message_id))
-        return future
+        return marked
 
     async def run(self) -> None:
         while True:
@@ -430,9 +450,8 @@ class LedgerWriter:
                 )
         except BaseException as exc:
             run.fail(exc)
-            for _, future in waiters:
-                if not future.done():
-                    future.set_exception(exc)
+            for _, marked in waiters:
+                marked.settle(exc, False)
             raise
         finals = bounces = 0
         for op in ops:
@@ -441,9 +460,9 @@ class LedgerWriter:
                 bounces += op.suppress == "hard_bounce"
         # Before the waiting workers resume, so that they see a pause or a stop at once.
         run.after_commit(applied.campaign_status, applied.slowed, finals, bounces)
-        for index, future in waiters:
-            if not future.done():
-                future.set_result(applied.accepted[index])
+        for index, marked in waiters:
+            taken = applied.accepted[index]
+            marked.settle(taken, taken and not run.stopping)
 
 
 # -- a worker --------------------------------------------------------------------------------
@@ -497,15 +516,15 @@ async def _attempt(run: Run, connection: SMTPConnection, row: LedgerRow) -> bool
             outgoing.envelope_from,
             row.email,
             outgoing.data,
-            before_end=_cleared(run, marked),
+            before_end=marked.cleared,
             crlf=True,
         )
     except SMTPDeliveryError:
-        if await marked:
+        if await marked.taken:
             writer.submit(RevertSending(row.id, outgoing.message_id, row.state))
         raise
     # Ops about this row go after its mark's commit: a group holds one op per row.
-    if not await marked:
+    if not await marked.taken:
         # Our lease on it ran out and another worker has it now. Whatever the server said,
         # nothing of ours was delivered: the dot needed the mark.
         return outcome.kind == "withheld" or outcome.closes_connection
@@ -515,24 +534,6 @@ async def _attempt(run: Run, connection: SMTPConnection, row: LedgerRow) -> bool
     run.attempted += 1
     writer.submit(*decide(run, outgoing, outcome))
     return outcome.closes_connection or outcome.kind in ("defer", "unknown")
-
-
-def _cleared(run: Run, marked: asyncio.Future[bool]) -> asyncio.Future[bool]:
-    """True once the mark is committed and the run goes on; False when the mark was refused
-    or its commit failed (the worker learns which from ``marked``), or the run is stopping:
-    paused or stopped in the commit that marked it, the message is withheld."""
-    cleared: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-    def settle(done: asyncio.Future[bool]) -> None:
-        if not cleared.done():
-            ok = not done.cancelled() and done.exception() is None and done.result()
-            cleared.set_result(ok and not run.stopping)
-
-    if marked.done():
-        settle(marked)
-    else:
-        marked.add_done_callback(settle)
-    return cleared
 
 
 def decide(run: Run, outgoing: Outgoing, outcome: Outcome) -> list[LedgerOp]:
