@@ -20,14 +20,21 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import ColumnElement, Engine, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..campaigns import Campaign, load_campaign, snapshot_campaign
 from ..errors import CampaignError, NotFoundError
 from ..scheduling import format_local
-from ..segments import fetch_member_records
-from ..storage.schema import campaigns, messages
+from ..segments import (
+    MEMBER_COLUMNS,
+    SegmentSpec,
+    fetch_member_records,
+    load_attribute_names,
+    resolve_segment,
+)
+from ..storage.engine import connect_for_reading
+from ..storage.schema import campaigns, contact_attributes, contacts, messages
 from ..variants import assign_variants
 from .ledger import new_worker_id, retire_worker_id
 from .pacing import Clock
@@ -213,9 +220,13 @@ def _preflight_and_snapshot(
 ) -> int:
     keeper = _ClaimKeeper(db, campaign.id, owner, clock)
     try:
-        # Streamed: a million members as a DataFrame, then dicts, took 18 s and 1.3 GB.
-        records = fetch_member_records(db, campaign.segment)
-        preflight_campaign(content, keeper.watch(records), tracker=tracker, processes=processes)
+        proven = count_proven_members(db, campaign.segment, content, tracker)
+        if proven is not None:
+            keeper.watched = proven
+        else:
+            # Streamed: a million members as a DataFrame, then dicts, took 18 s and 1.3 GB.
+            records = fetch_member_records(db, campaign.segment)
+            preflight_campaign(content, keeper.watch(records), tracker=tracker, processes=processes)
         keeper.renew(force=True)  # the snapshot of a big segment takes a while too
     except _LostClaim:
         raise
@@ -233,6 +244,46 @@ def _preflight_and_snapshot(
         release_start(db, campaign.id, owner)
         raise
     return keeper.watched
+
+
+def count_proven_members(
+    db: Engine, segment: SegmentSpec, content: CampaignContent, tracker: Tracker | None
+) -> int | None:
+    """The segment's size when every member surely renders with every template, decided in
+    one SQL count; None when the members must be checked one by one.
+
+    A proven template (``CompiledTemplate.infallible``) renders for every context that
+    defines the variables it reads, and a member's context defines a field exactly when the
+    member has a value for it (``build_context`` drops missing ones): so the preflight of
+    proven templates is a question of which members lack a field. Asked in SQL, a campaign of
+    5,000 starts 0.1 s sooner and one of a million does not stream every member through
+    Python; any member lacking a field sends the preflight the long way, which names them.
+    """
+    templates = content.templates.values()
+    if not all(t.infallible for t in templates):
+        return None
+    always = {"id", "email", "domain", "contact"}  # never missing (see build_context)
+    if tracker is not None:
+        always.add("unsubscribe_url")
+    c, ca = contacts.c, contact_attributes.c
+    attribute_names = load_attribute_names(db)
+    lacking: list[ColumnElement[bool]] = []
+    for name in sorted(frozenset().union(*(t.variables for t in templates)) - always):
+        if name == "name":
+            lacking.append(c.name.is_(None))
+            continue
+        # Nobody has it (the long way lists who fails); or "X_attr", fetch_members' column
+        # for an attribute named like a built-in one, which imports refuse: the long way too.
+        if name not in attribute_names or name.removesuffix("_attr") in MEMBER_COLUMNS:
+            return None
+        has = select(ca.contact_id).where(ca.contact_id == c.id, ca.key == name).exists()
+        lacking.append(~has)
+    resolved = resolve_segment(db, segment)
+    members = select(func.count()).select_from(contacts).where(resolved.clause)
+    with connect_for_reading(db) as conn:
+        if lacking and conn.execute(members.where(or_(*lacking))).scalar_one():
+            return None
+        return int(conn.execute(members).scalar_one())
 
 
 def assign_variants_once(db: Engine, campaign_id: int, content: CampaignContent) -> None:
