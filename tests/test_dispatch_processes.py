@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ from test_dispatch_support import FakeClock, addresses, assert_exactly_once, mak
 from mailkit.campaigns import create_campaign, load_campaign
 from mailkit.contacts import import_contacts
 from mailkit.dispatch import DEFAULT_PACING, PacingRule, count_states, send_campaign
-from mailkit.dispatch.parallel import build_shares
+from mailkit.dispatch.parallel import _frozen_heap, build_shares
 from mailkit.errors import ConfigError, PreflightError
 from mailkit.sink import FaultPlan, Sink
 from mailkit.storage import open_db
@@ -87,6 +88,31 @@ def test_three_processes_send_every_recipient_exactly_once(db_url: str) -> None:
     assert set(states.values()) == {"sent"} and len(states) == len(emails)
     assert count_states(setup, campaign_id)["sent"] == len(emails)
     setup.dispose()
+
+
+def test_senders_are_forked_with_the_callers_heap_frozen_and_the_caller_is_not() -> None:
+    # Frozen objects are never scanned by a sender's garbage collections.
+    assert gc.get_freeze_count() == 0
+    reader, writer = os.pipe()
+    with _frozen_heap():
+        pid = os.fork()
+        if pid == 0:  # the child reports and leaves at once, as a sender would run and exit
+            os.write(writer, str(gc.get_freeze_count()).encode())
+            os._exit(0)
+    os.close(writer)
+    child_frozen = int(os.read(reader, 64))
+    os.close(reader)
+    os.waitpid(pid, 0)
+    assert child_frozen > 1000  # everything imported and built before the fork
+    assert gc.get_freeze_count() == 0  # the caller is unfrozen at once
+    gc.freeze()  # a caller that froze objects itself is left as it was
+    try:
+        frozen = gc.get_freeze_count()
+        with _frozen_heap():
+            pass
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_hard_bounces_and_deferrals_are_recorded_by_every_sender(db: Engine) -> None:
