@@ -382,3 +382,13 @@ def test_skeleton_refuses_header_injection_like_build_message() -> None:
         skeleton.build(_rendered(subject="x\r\nBcc: y@z"), to_addr="a@b.jp", message_id="<a@b>")
     with pytest.raises(AddressError):
         build_skeleton(from_addr="news@example.jp\r\nBcc: victim@example.com")
+
+
+@pytest.mark.parametrize("size", [0, 1, 56, 57, 58, 114, 4500])
+def test_base64_lines_match_the_stdlib(size: int) -> None:
+    import base64
+
+    from mailkit.messages import _base64_lines
+
+    data = (bytes(range(256)) * 20)[:size]
+    assert _base64_lines(data) == base64.encodebytes(data).replace(b"\n", b"\r\n")
