@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -419,6 +420,15 @@ class LedgerWriter:
         self._ops, self._waiters = [], []
         run = self._run
         try:
+            commit = functools.partial(
+                apply_ledger_ops,
+                run.db,
+                run.campaign_id,
+                run.owner,
+                ops,
+                now=run.clock.now(),
+                lease=run.lease,
+            )
             applied = None
             if self._on_loop:
                 # A SQLite commit is ~0.5 ms of CPU, mostly Python wherever it runs, while
@@ -427,27 +437,11 @@ class LedgerWriter:
                 # wait for another sender's write lock goes to the thread, where the wait
                 # does not stop the event loop.
                 with contextlib.suppress(WriteLockBusy):
-                    applied = apply_ledger_ops(
-                        run.db,
-                        run.campaign_id,
-                        run.owner,
-                        ops,
-                        now=run.clock.now(),
-                        lease=run.lease,
-                        wait=False,
-                    )
+                    applied = commit(wait=False)
             if applied is None:
                 # In a thread: the event loop keeps rendering, signing and talking SMTP while
                 # the database commits or waits (PostgreSQL's round trips, SQLite's lock).
-                applied = await asyncio.to_thread(
-                    apply_ledger_ops,
-                    run.db,
-                    run.campaign_id,
-                    run.owner,
-                    ops,
-                    now=run.clock.now(),
-                    lease=run.lease,
-                )
+                applied = await asyncio.to_thread(commit)
         except BaseException as exc:
             run.fail(exc)
             for _, marked in waiters:
