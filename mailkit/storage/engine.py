@@ -26,6 +26,8 @@ __all__ = [
 ]
 
 _MIGRATIONS = Path(__file__).parent / "migrations"
+#: How long a SQLite write waits for another connection's write lock.
+_BUSY_TIMEOUT_MS = 30_000
 
 
 def create_db_engine(url: str) -> Engine:
@@ -57,7 +59,6 @@ READ_ONLY_OPTION = "mailkit_read_only"
 
 #: Execution option of a write connection that must not wait for SQLite's write lock.
 NO_WAIT_OPTION = "mailkit_no_wait"
-_BUSY_TIMEOUT_MS = 30_000
 
 
 class WriteLockBusy(StorageError):
