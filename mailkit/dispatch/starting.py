@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, func, or_, select, update
+from sqlalchemy import ColumnElement, Engine, case, func, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ..campaigns import Campaign, load_campaign, snapshot_campaign
@@ -279,11 +279,12 @@ def count_proven_members(
         has = select(ca.contact_id).where(ca.contact_id == c.id, ca.key == name).exists()
         lacking.append(~has)
     resolved = resolve_segment(db, segment)
-    members = select(func.count()).select_from(contacts).where(resolved.clause)
+    # One pass over the segment counts both its members and those lacking a field.
+    short = func.coalesce(func.sum(case((or_(*lacking), 1), else_=0)), 0) if lacking else literal(0)
+    query = select(func.count(), short).select_from(contacts).where(resolved.clause)
     with connect_for_reading(db) as conn:
-        if lacking and conn.execute(members.where(or_(*lacking))).scalar_one():
-            return None
-        return int(conn.execute(members).scalar_one())
+        members, lacking_any = conn.execute(query).one()
+    return None if lacking_any else int(members)
 
 
 def assign_variants_once(db: Engine, campaign_id: int, content: CampaignContent) -> None:
